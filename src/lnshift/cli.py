@@ -1,0 +1,153 @@
+"""The `lnshift` command: thin wrappers that parse options and call the library functions of the same name."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from . import __version__
+from .config import _parse_named, _parse_yaml_dict, add_fit_options, config_from_args
+from .errors import LNShiftError
+
+COMMANDS: dict[
+    str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+] = {}
+
+
+def command(name: str, help: str, options: Callable[[argparse.ArgumentParser], None]):
+    def wrap(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = (help, options, fn)
+        return fn
+
+    return wrap
+
+
+def _fit_options(p: argparse.ArgumentParser) -> None:
+    add_fit_options(p)
+
+
+@command("fit", "train a run (LayerNorm tuning or a baseline) and write its run directory", _fit_options)
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .fit import fit
+
+    cfg = config_from_args(args)
+    run = fit(cfg)
+    print(f"run directory: {run.path}")
+    return 0
+
+
+def _eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run directory written by `lnshift fit`")
+    p.add_argument(
+        "--test",
+        action="append",
+        type=_parse_named,
+        required=True,
+        metavar="NAME=SPEC",
+        help="test set to score (repeat for several); recorded in the run's metrics.json",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+@command("eval", "re-evaluate a saved run on named test sets", _eval_options)
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .saved_run import evaluate_run
+
+    results = evaluate_run(args.run, dict(args.test), device=args.device)
+    for name, m in results.items():
+        print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
+    return 0
+
+
+def _merge_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run directory written by `lnshift fit`")
+    p.add_argument(
+        "--out", required=True, help="safetensors file to write (a plain state dict of the tuned model)"
+    )
+
+
+@command("merge", "write the tuned model as one plain safetensors state dict", _merge_options)
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .saved_run import merge_run
+
+    print(f"wrote {merge_run(args.run, args.out)}")
+    return 0
+
+
+def _inspect_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model name, as for `lnshift fit --model`")
+    p.add_argument("--weights", help="local weights file or folder")
+    p.add_argument(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="load pretrained weights (needs them locally; off: architecture only)",
+    )
+    p.add_argument(
+        "--model-kwargs",
+        type=_parse_yaml_dict,
+        default={},
+        metavar="YAML",
+        help="extra constructor arguments, e.g. '{img_size: 64}'",
+    )
+    p.add_argument("--include-rms", action="store_true", help="also list RMSNorm modules")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+@command("inspect", "list every LayerNorm of a model with its parameter count and share", _inspect_options)
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .backbones import load_backbone, norm_table
+
+    backbone = load_backbone(
+        args.model, args.weights, pretrained=args.pretrained, model_kwargs=args.model_kwargs
+    )
+    rows, summary = norm_table(backbone, include_rms=args.include_rms)
+    if args.json:
+        print(
+            json.dumps(
+                {"norms": rows, **summary, "data_config": backbone.data_config}, indent=2, default=list
+            )
+        )
+        return 0
+    width = max([len(r["name"]) for r in rows] + [4])
+    print(f"{'name':<{width}}  {'type':<16} {'shape':<12} {'params':>8}")
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['type']:<16} {tuple(r['shape'])!s:<12} {r['params']:>8,}")
+    print(
+        f"{len(rows)} norms, {summary['norm_params']:,} trainable LayerNorm values of "
+        f"{summary['backbone_params']:,} backbone parameters ({100 * summary['share']:.3f}%)"
+    )
+    print(f"preprocessing: {backbone.data_config}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lnshift",
+        description="Tune only the LayerNorms of ViT foundation models; measure and use the LayerNorm shift.",
+    )
+    parser.add_argument("--version", action="version", version=f"lnshift {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, options, fn) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        options(p)
+        p.set_defaults(func=fn)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LNShiftError as e:
+        print(f"lnshift {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lnshift {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""The fit configuration: one dataclass that is the YAML file, the CLI options and `config.yaml` of a run.
+
+Every field becomes a `lnshift fit` option (`--val-fraction`, ...) with the field's help text, so the
+config file and the command line can never drift apart. Precedence: defaults < --config FILE < options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import sys
+from dataclasses import dataclass, field, fields
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+BUILTIN_DATA = "builtin:pacs-mini"
+DEFAULT_MODEL = "lnshift/test-vit"
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class FitConfig:
+    # backbone
+    model: str = _opt(
+        DEFAULT_MODEL, "timm name, hf-hub: name, hf:FOLDER, open_clip:ARCH or a registered short name"
+    )
+    weights: str | None = _opt(None, "local weights file or folder for --model (no download)")
+    pretrained: bool = _opt(True, "load the model's pretrained weights when no --weights is given")
+    model_kwargs: dict = _opt({}, "extra constructor arguments for the model, as YAML, e.g. '{img_size: 64}'")
+    # data
+    train: str = _opt(
+        f"{BUILTIN_DATA}/photo", "training data: DIR, FILE.zip[:INNER], or FILE.csv (path,label[,group])"
+    )
+    val: str | None = _opt(
+        None, "validation data; when absent a stratified hold-out of --train (--val-fraction)"
+    )
+    test: dict = _opt(
+        {"sketch": f"{BUILTIN_DATA}/sketch"}, "named test sets NAME=SPEC (repeat the option for several)"
+    )
+    data_root: str | None = _opt(
+        None, "folder or zip that CSV paths are relative to (default: the CSV's folder)"
+    )
+    fraction: float | None = _opt(None, "use this stratified fraction of the training data (0 < F <= 1)")
+    shots: int | None = _opt(None, "use exactly K training images per class")
+    val_fraction: float = _opt(0.2, "hold-out fraction of --train used for validation when --val is absent")
+    test_fraction: float | None = _opt(None, "hold out this fraction of --train as the test set 'holdout'")
+    augment: str = _opt(
+        "default", "training augmentation: default (timm), strong (RandAugment + erasing), none"
+    )
+    skip_bad_images: bool = _opt(False, "skip undecodable images (listed in the log) instead of stopping")
+    # method
+    method: str = _opt("ln", "lp, ln, full, bitfit, lora, lp-ln or cyclic")
+    cycles: int = _opt(2, "number of head <-> LayerNorm alternations for --method cyclic")
+    head: str = _opt("linear", "classification head: linear, mlp or attention")
+    head_hidden: int = _opt(0, "hidden width of the mlp / attention head (0: twice the feature width)")
+    include_rms: bool = _opt(False, "also tune RMSNorm scales (off: LayerNorm only)")
+    include_layerscale: bool = _opt(False, "also tune LayerScale gains (off: LayerNorm only)")
+    lora_rank: int = _opt(8, "LoRA rank for --method lora")
+    lora_alpha: float = _opt(16.0, "LoRA alpha for --method lora")
+    # optimisation
+    epochs: int = _opt(10, "total epochs, split evenly over the method's phases")
+    steps: int | None = _opt(None, "total optimiser steps instead of --epochs (a fixed budget, e.g. for FSR)")
+    batch_size: int = _opt(64, "batch size")
+    lr: float = _opt(1e-3, "peak learning rate (AdamW)")
+    weight_decay: float = _opt(0.05, "AdamW weight decay for matrices")
+    decay_1d: bool = _opt(False, "also decay 1-D parameters (LayerNorm, biases); off by default")
+    warmup: float = _opt(0.1, "share of each phase's steps spent in linear warm-up")
+    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss")
+    select: str = _opt("best", "which epoch a phase keeps: best (validation accuracy) or last")
+    seed: int = _opt(0, "seed for splits, initialisation and data order")
+    # runtime
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
+    precision: str = _opt("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32")
+    workers: int = _opt(2, "data-loading worker processes")
+    eval_batch_size: int = _opt(256, "batch size for evaluation")
+    out: str = _opt("runs/latest", "run directory to write")
+    resume: bool = _opt(False, "continue an interrupted run in --out from its last checkpoint")
+    overwrite: bool = _opt(False, "replace an existing run in --out")
+    progress: bool = _opt(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        from .phases import METHODS
+
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown --method {self.method!r}; choose one of {list(METHODS)}")
+        if self.fraction is not None and self.shots is not None:
+            raise ConfigError("give at most one of --fraction and --shots")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise ConfigError(f"--fraction must be in (0, 1], got {self.fraction}")
+        if self.shots is not None and self.shots < 1:
+            raise ConfigError(f"--shots must be >= 1, got {self.shots}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.select not in ("best", "last"):
+            raise ConfigError(f"--select must be 'best' or 'last', got {self.select!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite exclude each other")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> FitConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown option(s) {unknown}")
+        return cls(**data)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of options at the top level")
+    return data.get("fit", data) if isinstance(data.get("fit"), dict) else data
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _parse_yaml_dict(text: str) -> dict:
+    value = yaml.safe_load(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a YAML mapping such as '{{img_size: 64}}', got {text!r}")
+    return value
+
+
+def _parse_named(text: str) -> tuple[str, str]:
+    name, sep, spec = text.partition("=")
+    if not sep or not name or not spec:
+        raise argparse.ArgumentTypeError(f"expected NAME=SPEC (e.g. sketch=data/sketch), got {text!r}")
+    return name, spec
+
+
+def add_fit_options(parser: argparse.ArgumentParser) -> None:
+    """One CLI option per FitConfig field; defaults are None so only given options override the config."""
+    parser.add_argument("--config", help="YAML file of options (keys as below, with underscores)")
+    for f in fields(FitConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"]
+        kind = str(f.type)
+        if f.name == "test":
+            parser.add_argument(flag, action="append", type=_parse_named, metavar="NAME=SPEC", help=help_text)
+        elif kind == "dict":
+            parser.add_argument(flag, type=_parse_yaml_dict, metavar="YAML", help=help_text)
+        elif kind == "bool":
+            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, metavar="BOOL", help=help_text)
+        else:
+            scalar = {"int": int, "float": float}.get(kind.split(" ")[0], str)
+            parser.add_argument(flag, type=scalar, help=f"{help_text} (default: {f.default})")
+
+
+def config_from_args(args: argparse.Namespace) -> FitConfig:
+    data: dict[str, Any] = load_yaml(args.config) if args.config else {}
+    for f in fields(FitConfig):
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        data[f.name] = dict(value) if f.name == "test" else value
+    return FitConfig.from_dict(data, source=args.config or "options")
+
+
+def environment() -> dict[str, str]:
+    """Library versions recorded beside every result."""
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in (
+        "lnshift",
+        "torch",
+        "torchvision",
+        "timm",
+        "peft",
+        "safetensors",
+        "numpy",
+        "transformers",
+        "open_clip_torch",
+    ):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    try:
+        import torch
+
+        out["cuda"] = torch.version.cuda or "none"
+        if torch.cuda.is_available():
+            out["gpu"] = torch.cuda.get_device_name()
+    except ImportError:
+        pass
+    return out

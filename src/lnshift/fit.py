@@ -1,0 +1,292 @@
+"""`lnshift fit`: backbone -> data -> phases -> loop -> artifacts, top to bottom.
+
+The run directory it writes (see rundir.py) is all that evaluation, shift, FSR, merge and reports read.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from . import rundir as rd
+from .backbones import load_backbone
+from .config import FitConfig, environment
+from .data import (
+    ImageDataset,
+    ImageSource,
+    Split,
+    check_classes,
+    check_disjoint,
+    holdout,
+    make_transform,
+    open_source,
+    splits_to_dict,
+    subsample,
+)
+from .data.builtin import resolve_spec
+from .errors import ConfigError, RunDirError
+from .evaluate import evaluate, resolve_device
+from .heads import Classifier, build_head
+from .loop import PhasePlan, PhaseState, restore, run_phase, seed_everything, snapshot
+from .phases import phases_for, split_budget
+from .strategies import StrategyOptions, get_strategy, norm_module_names
+
+# options that may differ between an interrupted run and its --resume without changing the result
+RESUME_FREE = {"resume", "overwrite", "progress", "workers", "device", "eval_batch_size"}
+
+
+@dataclass
+class Data:
+    classes: list[str]
+    train: ImageDataset
+    val: ImageDataset
+    tests: dict[str, ImageDataset]
+    splits: dict[str, Any]
+
+
+def strategy_options(cfg: FitConfig) -> StrategyOptions:
+    return StrategyOptions(
+        include_rms=cfg.include_rms,
+        include_layerscale=cfg.include_layerscale,
+        lora_rank=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+    )
+
+
+def open_spec(spec: str, cfg: FitConfig) -> ImageSource:
+    return open_source(resolve_spec(spec), root=cfg.data_root)
+
+
+def prepare_data(cfg: FitConfig, data_config: dict) -> Data:
+    """Open every source, draw the seeded splits (group-aware when groups exist), build the datasets."""
+    train_src = open_spec(cfg.train, cfg)
+    classes = train_src.classes
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    labels = [s.label for s in train_src.samples]
+    groups = [s.group for s in train_src.samples] if train_src.has_groups() else None
+    pool = np.arange(len(train_src))
+    sources: dict[str, ImageSource] = {cfg.train: train_src}
+    splits: list[Split] = []
+
+    def take(idx: np.ndarray, fraction: float, seed_offset: int) -> tuple[np.ndarray, np.ndarray]:
+        kept, held = holdout(
+            [labels[i] for i in idx],
+            None if groups is None else [groups[i] for i in idx],
+            fraction=fraction,
+            seed=cfg.seed + seed_offset,
+        )
+        return idx[kept], idx[held]
+
+    test_specs = dict(cfg.test)
+    if cfg.test_fraction:
+        pool, held_test = take(pool, cfg.test_fraction, 2)
+        splits.append(Split("test:holdout", cfg.train, held_test.tolist()))
+    if cfg.val:
+        val_src = open_spec(cfg.val, cfg)
+        check_classes(classes, val_src, "val")
+        sources[cfg.val] = val_src
+        splits.append(Split("val", cfg.val, list(range(len(val_src)))))
+    else:
+        pool, val_idx = take(pool, cfg.val_fraction, 1)
+        splits.append(Split("val", cfg.train, val_idx.tolist()))
+    if cfg.fraction is not None or cfg.shots is not None:
+        chosen = subsample([labels[i] for i in pool], fraction=cfg.fraction, shots=cfg.shots, seed=cfg.seed)
+        pool = pool[chosen]
+    splits.insert(0, Split("train", cfg.train, sorted(pool.tolist())))
+    for name, spec in test_specs.items():
+        src = sources.get(spec) or open_spec(spec, cfg)
+        check_classes(classes, src, f"test:{name}")
+        sources[spec] = src
+        splits.append(Split(f"test:{name}", spec, list(range(len(src)))))
+    check_disjoint(splits, sources)
+
+    train_tf = make_transform(data_config, train=True, augment=cfg.augment)
+    eval_tf = make_transform(data_config, train=False)
+    by_name = {s.name: s for s in splits}
+
+    def dataset(name: str, transform: Callable) -> ImageDataset:
+        split = by_name[name]
+        return ImageDataset(sources[split.source], split.indices, class_to_idx, transform, cache=True)
+
+    options = {
+        k: getattr(cfg, k) for k in ("fraction", "shots", "val_fraction", "test_fraction", "data_root")
+    }
+    return Data(
+        classes=classes,
+        train=dataset("train", train_tf),
+        val=dataset("val", eval_tf),
+        tests={
+            s.name.removeprefix("test:"): dataset(s.name, eval_tf)
+            for s in splits
+            if s.name.startswith("test:")
+        },
+        splits=splits_to_dict(splits, sources, classes, cfg.seed, options),
+    )
+
+
+def load_configured_backbone(cfg: FitConfig) -> nn.Module:
+    return load_backbone(cfg.model, cfg.weights, pretrained=cfg.pretrained, model_kwargs=cfg.model_kwargs)
+
+
+def build_model(cfg: FitConfig, backbone: nn.Module, num_classes: int) -> Classifier:
+    """Backbone + head, with every strategy of the method prepared (e.g. LoRA modules injected)."""
+    torch.manual_seed(cfg.seed)  # head initialisation depends on the seed only
+    head = build_head(cfg.head, backbone.feature_dim, backbone.token_dim, num_classes, hidden=cfg.head_hidden)
+    model = Classifier(backbone, head)
+    options = strategy_options(cfg)
+    for phase in phases_for(cfg.method, cfg.cycles):
+        get_strategy(phase.strategy).prepare(model, options)
+    return model
+
+
+def plan_phases(model: nn.Module, cfg: FitConfig, steps_per_epoch: int) -> list[PhasePlan]:
+    phases = phases_for(cfg.method, cfg.cycles)
+    total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
+    budgets = split_budget(total, len(phases))
+    options = strategy_options(cfg)
+    return [
+        PhasePlan(i, phase, get_strategy(phase.strategy).select(model, options), steps)
+        for i, (phase, steps) in enumerate(zip(phases, budgets, strict=True))
+    ]
+
+
+def trained_names(plans: list[PhasePlan]) -> list[str]:
+    """Ordered union of every phase's trainable tensors: what adapter.safetensors holds."""
+    return list(dict.fromkeys(n for p in plans for n in p.trainable))
+
+
+def loader(
+    dataset: ImageDataset, cfg: FitConfig, *, train: bool, generator: torch.Generator | None = None
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size if train else cfg.eval_batch_size,
+        shuffle=train,
+        generator=generator,
+        num_workers=cfg.workers,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def check_resume(run: rd.RunDir, cfg: FitConfig) -> None:
+    saved = run.read_config().get("fit", {})
+    now = cfg.to_dict()
+    differ = sorted(k for k in now if k not in RESUME_FREE and saved.get(k) != now[k])
+    if differ:
+        raise RunDirError(f"--resume: options differ from the interrupted run in {run.path}: {differ}")
+
+
+def fit(cfg: FitConfig, echo: Callable[[str], None] | None = print) -> rd.RunDir:
+    """Train one run as configured and write its run directory; returns it."""
+    run = rd.RunDir(cfg.out)
+    run.prepare(resume=cfg.resume, overwrite=cfg.overwrite)
+    if cfg.resume:
+        check_resume(run, cfg)
+    log = rd.EventLog(run, echo)
+    rd.write_yaml(run / rd.CONFIG, {"fit": cfg.to_dict(), "environment": environment(), "command": sys.argv})
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+
+    backbone = load_configured_backbone(cfg)
+    data = prepare_data(cfg, backbone.data_config)
+    model = build_model(cfg, backbone, len(data.classes)).to(device)
+    rd.write_json(run / rd.SPLITS, data.splits)
+    if len(data.train) == 0:
+        raise ConfigError("the training split is empty")
+    for ds in (data.train, data.val, *data.tests.values()):
+        ds.preload()
+    log.info(
+        f"{cfg.model} | {len(data.classes)} classes | train {len(data.train)}, val {len(data.val)}, "
+        + ", ".join(f"test:{k} {len(v)}" for k, v in data.tests.items())
+    )
+
+    steps_per_epoch = -(-len(data.train) // cfg.batch_size)
+    plans = plan_phases(model, cfg, steps_per_epoch)
+    names = trained_names(plans)
+    norms = norm_module_names(model, strategy_options(cfg))
+    meta = {
+        "norms": norms,
+        "classes": data.classes,
+        "method": cfg.method,
+        "data_config": model.backbone.data_config,
+    }
+    if not (run / rd.BASE).exists():
+        rd.write_tensors(run / rd.BASE, snapshot(model, names), meta)
+
+    ckpt_path = run / rd.CHECKPOINT / "state.pt"
+    done_phases: list[dict] = []
+    resume_state: PhaseState | None = None
+    if cfg.resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        restore(model, ckpt["tensors"])
+        done_phases, resume_state = ckpt["done_phases"], ckpt["state"]
+        log.info(f"resuming after phase {len(done_phases)} epoch {resume_state.epoch if resume_state else 0}")
+
+    validate = partial(
+        evaluate, model, loader(data.val, cfg, train=False), len(data.classes), device, cfg.precision
+    )
+    for plan in plans[len(done_phases) :]:
+
+        def save_checkpoint(state: PhaseState, plan: PhasePlan = plan) -> None:
+            rd.save_torch(
+                ckpt_path, {"tensors": snapshot(model, names), "done_phases": done_phases, "state": state}
+            )
+
+        state = run_phase(
+            model,
+            plan,
+            cfg,
+            lambda g: loader(data.train, cfg, train=True, generator=g),
+            validate,
+            device,
+            log,
+            save_checkpoint,
+            resume_state,
+        )
+        resume_state = None
+        done_phases.append(
+            {
+                "phase": plan.phase.name,
+                "strategy": plan.phase.strategy,
+                "steps": plan.steps,
+                "best_epoch": state.best_epoch,
+                "history": state.history,
+            }
+        )
+        rd.save_torch(
+            ckpt_path, {"tensors": snapshot(model, names), "done_phases": done_phases, "state": None}
+        )
+
+    rd.write_tensors(run / rd.ADAPTER, snapshot(model, names), meta)
+    rd.write_json(run / rd.CYCLES, {"phases": done_phases})
+    metrics = evaluate_all(model, data, cfg, device)
+    rd.write_json(run / rd.METRICS, metrics)
+    log.info("metrics: " + summarize(metrics))
+    (run / rd.CHECKPOINT / "state.pt").unlink(missing_ok=True)
+    run.mark_done()
+    return run
+
+
+def evaluate_all(model: nn.Module, data: Data, cfg: FitConfig, device: torch.device) -> dict[str, Any]:
+    n = len(data.classes)
+    ev = partial(evaluate, num_classes=n, device=device, precision=cfg.precision, progress=cfg.progress)
+    return {
+        "val": ev(model, loader(data.val, cfg, train=False), desc="val"),
+        "test": {
+            k: ev(model, loader(ds, cfg, train=False), desc=f"test:{k}") for k, ds in data.tests.items()
+        },
+    }
+
+
+def summarize(metrics: dict[str, Any]) -> str:
+    parts = [f"val acc {metrics['val']['accuracy']:.4f}"]
+    parts += [f"{k} acc {v['accuracy']:.4f}" for k, v in metrics.get("test", {}).items()]
+    return ", ".join(parts)

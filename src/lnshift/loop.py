@@ -1,0 +1,187 @@
+"""The one training loop: runs any phase of any method and knows nothing about which method it serves.
+
+A phase trains exactly the tensors its strategy selected (everything else has requires_grad False),
+with AdamW, a warm-up + cosine schedule, optional bf16 autocast and label smoothing. After every
+epoch it scores the validation split (never a test split), keeps the best trainable state, and
+writes a checkpoint from which an interrupted run resumes at the next epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .config import FitConfig
+from .errors import LNShiftError
+from .evaluate import autocast, batches
+from .phases import Phase
+from .rundir import EventLog
+
+
+class NonFiniteLossError(LNShiftError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class PhasePlan:
+    index: int
+    phase: Phase
+    trainable: list[str]
+    steps: int
+
+
+@dataclass
+class PhaseState:
+    """Everything needed to continue a phase after an interruption."""
+
+    epoch: int = 0
+    step: int = 0
+    best_score: tuple[float, float] | None = None
+    best_epoch: int = -1
+    best_tensors: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    optimizer: dict | None = None
+
+
+def set_trainable(model: nn.Module, names: list[str]) -> list[nn.Parameter]:
+    """Freeze everything, then unfreeze exactly `names` (in that order)."""
+    params = dict(model.named_parameters())
+    unknown = [n for n in names if n not in params]
+    if unknown:
+        raise LNShiftError(f"strategy selected unknown parameters: {unknown[:5]}")
+    for p in params.values():
+        p.requires_grad_(False)
+    for n in names:
+        params[n].requires_grad_(True)
+    return [params[n] for n in names]
+
+
+def param_groups(model: nn.Module, names: list[str], weight_decay: float, decay_1d: bool) -> list[dict]:
+    """Weight decay on matrices only unless `decay_1d`: LayerNorm gains and biases are not pulled to 0."""
+    params = dict(model.named_parameters())
+    decay = [params[n] for n in names if decay_1d or params[n].ndim > 1]
+    no_decay = [params[n] for n in names if not (decay_1d or params[n].ndim > 1)]
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def snapshot(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().clone() for n in names}
+
+
+def restore(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in tensors.items():
+            params[n].copy_(t)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, phase: int, epoch: int) -> int:
+    """Data order, augmentation and dropout of an epoch depend only on (seed, phase, epoch): resumable."""
+    return (seed * 1_000_003 + phase * 10_007 + epoch) % 2**31
+
+
+def run_phase(
+    model: nn.Module,
+    plan: PhasePlan,
+    cfg: FitConfig,
+    train_loader: Callable[[torch.Generator], DataLoader],
+    validate: Callable[[], dict[str, float]],
+    device: torch.device,
+    log: EventLog,
+    save_checkpoint: Callable[[PhaseState], None],
+    state: PhaseState | None = None,
+) -> PhaseState:
+    """Train one phase to its step budget; `state` continues an interrupted phase."""
+    state = state or PhaseState()
+    params = set_trainable(model, plan.trainable)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, plan.trainable, cfg.weight_decay, cfg.decay_1d), lr=cfg.lr
+    )
+    if state.optimizer is not None:
+        optimizer.load_state_dict(state.optimizer)
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=plan.steps,
+        warmup_t=int(cfg.warmup * plan.steps),
+        warmup_lr_init=cfg.lr * 0.01,
+        lr_min=cfg.lr * 0.01,
+        t_in_epochs=False,
+    )
+    scheduler.step_update(state.step)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    n_train = sum(p.numel() for p in params)
+    log.info(
+        f"phase {plan.phase.name} ({plan.phase.strategy}): {plan.steps} steps, {n_train:,} trainable values, "
+        f"decay on 1-D parameters: {'yes' if cfg.decay_1d else 'no'}"
+    )
+    model.train()
+    while state.step < plan.steps:
+        generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, plan.index, state.epoch))
+        torch.manual_seed(epoch_seed(cfg.seed, plan.index, state.epoch))
+        loss_sum, seen = 0.0, 0
+        desc = f"{plan.phase.name} epoch {state.epoch + 1}"
+        for x, y in batches(train_loader(generator), device, desc, cfg.progress):
+            with autocast(device, cfg.precision):
+                loss = loss_fn(model(x).float(), y)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"loss is {loss.item()} at step {state.step + 1} of phase {plan.phase.name}; "
+                    "the last good checkpoint is kept (lower --lr or check the data)"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            state.step += 1
+            scheduler.step_update(state.step)
+            loss_sum += loss.item() * len(y)
+            seen += len(y)
+            if state.step >= plan.steps:
+                break
+        state.epoch += 1
+        val = validate()
+        record = {
+            "phase": plan.phase.name,
+            "epoch": state.epoch,
+            "step": state.step,
+            "train_loss": loss_sum / max(seen, 1),
+            "lr": optimizer.param_groups[0]["lr"],
+            "val_accuracy": val["accuracy"],
+            "val_loss": val["loss"],
+        }
+        state.history.append(record)
+        log.event("epoch", **record)
+        log.info(
+            f"{plan.phase.name} epoch {state.epoch}: train loss {record['train_loss']:.4f}, "
+            f"val acc {val['accuracy']:.4f}, val loss {val['loss']:.4f}"
+        )
+        score = (val["accuracy"], -val["loss"] if math.isfinite(val["loss"]) else -math.inf)
+        if cfg.select == "last" or state.best_score is None or score > state.best_score:
+            state.best_score, state.best_epoch = score, state.epoch
+            state.best_tensors = snapshot(model, plan.trainable)
+        state.optimizer = optimizer.state_dict()
+        save_checkpoint(state)
+    if state.best_tensors is not None:
+        restore(model, state.best_tensors)
+    log.info(f"phase {plan.phase.name}: kept epoch {state.best_epoch} (selected on validation)")
+    return state

@@ -1,0 +1,168 @@
+"""The run directory: the contract between training, evaluation, shift/FSR, merging and reports.
+
+Every file is written atomically (temporary file in the same folder, fsync, rename), and `DONE` is
+written last, so a run directory never looks complete when it is not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from .errors import RunDirError
+
+CONFIG = "config.yaml"
+SPLITS = "splits.json"
+BASE = "base.safetensors"
+ADAPTER = "adapter.safetensors"
+METRICS = "metrics.json"
+SHIFT = "shift.json"
+CYCLES = "cycles.json"
+EVENTS = "events.jsonl"
+LOG = "train.log"
+CHECKPOINT = "checkpoint"
+DONE = "DONE"
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp_path)` then rename onto `path`; a crash leaves the old file or none, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda p: p.write_text(text))
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def write_yaml(path: str | Path, data: Any) -> None:
+    write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    """Safetensors with JSON-encoded metadata values (safetensors metadata must be str -> str)."""
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda p: save_file(clean, str(p), metadata=meta))
+
+
+def save_torch(path: str | Path, obj: Any) -> None:
+    atomic_write(path, lambda p: torch.save(obj, p))
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+class RunDir:
+    """Paths and readers for one run; creation policy (refuse, resume, overwrite) lives in `prepare`."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def done(self) -> bool:
+        return (self.path / DONE).is_file()
+
+    def prepare(self, *, resume: bool, overwrite: bool) -> None:
+        """Refuse to write into an existing run unless the user said --resume or --overwrite."""
+        if self.path.exists() and any(self.path.iterdir()):
+            if overwrite:
+                shutil.rmtree(self.path)
+            elif not resume:
+                state = "a finished run" if self.done else "an unfinished run"
+                raise RunDirError(
+                    f"{self.path} already holds {state}; pass --resume to continue it or --overwrite to replace it"
+                )
+        elif resume:
+            raise RunDirError(f"--resume: {self.path} holds no run to resume")
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def require(self, *names: str) -> None:
+        if not self.path.is_dir():
+            raise RunDirError(f"run directory not found: {self.path}")
+        missing = [n for n in names if not (self.path / n).exists()]
+        if missing:
+            hint = (
+                ""
+                if self.done
+                else " (the run has no DONE marker: it did not finish; rerun it with --resume)"
+            )
+            raise RunDirError(f"{self.path}: missing {', '.join(missing)}{hint}")
+
+    def read_json(self, name: str) -> Any:
+        self.require(name)
+        return json.loads((self.path / name).read_text())
+
+    def read_config(self) -> dict[str, Any]:
+        self.require(CONFIG)
+        return yaml.safe_load((self.path / CONFIG).read_text())
+
+    def read_tensors(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors and decoded metadata of a safetensors artifact."""
+        from safetensors import safe_open
+
+        self.require(name)
+        path = str(self.path / name)
+        with safe_open(path, framework="pt") as fh:
+            raw = fh.metadata() or {}
+        meta = {}
+        for k, v in raw.items():
+            try:
+                meta[k] = json.loads(v)
+            except json.JSONDecodeError:
+                meta[k] = v
+        return load_file(path), meta
+
+    def mark_done(self) -> None:
+        write_text(self.path / DONE, time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
+
+
+class EventLog:
+    """Append-only `events.jsonl` (one JSON object a line) and a human-readable `train.log`."""
+
+    def __init__(self, run: RunDir, echo: Callable[[str], None] | None = None) -> None:
+        self.events = run / EVENTS
+        self.text = run / LOG
+        self.echo = echo
+
+    def event(self, kind: str, **data: Any) -> None:
+        record = {"time": round(time.time(), 3), "event": kind, **data}
+        with open(self.events, "a") as fh:
+            fh.write(json.dumps(record, default=_json_default) + "\n")
+
+    def info(self, message: str) -> None:
+        with open(self.text, "a") as fh:
+            fh.write(f"{time.strftime('%H:%M:%S')} {message}\n")
+        if self.echo:
+            self.echo(message)

@@ -1,0 +1,58 @@
+"""Config file, CLI options and validation agree; bad values name the option."""
+
+import argparse
+
+import pytest
+
+from lnshift.config import FitConfig, add_fit_options, config_from_args
+from lnshift.errors import ConfigError
+
+
+def parse(argv):
+    p = argparse.ArgumentParser()
+    add_fit_options(p)
+    return config_from_args(p.parse_args(argv))
+
+
+def test_cli_overrides_yaml(tmp_path):
+    cfg_file = tmp_path / "exp.yaml"
+    cfg_file.write_text("method: lp\nlr: 0.01\nepochs: 3\ntest: {a: x}\n")
+    cfg = parse(["--config", str(cfg_file), "--lr", "0.5", "--test", "b=y", "--include-rms"])
+    assert cfg.method == "lp" and cfg.epochs == 3 and cfg.lr == 0.5
+    assert cfg.test == {"b": "y"} and cfg.include_rms is True
+
+
+def test_every_field_is_an_option():
+    p = argparse.ArgumentParser()
+    add_fit_options(p)
+    text = p.format_help()
+    for name in FitConfig.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in text
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"method": "x"}, "--method"),
+        ({"fraction": 0.5, "shots": 2}, "--fraction and --shots"),
+        ({"fraction": 1.5}, "--fraction"),
+        ({"val_fraction": 0}, "--val-fraction"),
+        ({"epochs": 0}, "--epochs"),
+        ({"resume": True, "overwrite": True}, "--resume"),
+    ],
+)
+def test_validation_names_the_option(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        FitConfig(**kwargs)
+
+
+def test_unknown_key_in_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("lrr: 1\n")
+    with pytest.raises(ConfigError, match="lrr"):
+        parse(["--config", str(f)])
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="not found"):
+        parse(["--config", "/nonexistent.yaml"])
