@@ -133,6 +133,8 @@ def prepare_data(cfg: FitConfig, data_config: dict) -> Data:
 
 
 def load_configured_backbone(cfg: FitConfig) -> nn.Module:
+    """The backbone of a config; seeded first, so a randomly initialised one is the same every time it loads."""
+    torch.manual_seed(cfg.seed)
     return load_backbone(cfg.model, cfg.weights, pretrained=cfg.pretrained, model_kwargs=cfg.model_kwargs)
 
 

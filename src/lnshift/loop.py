@@ -138,7 +138,7 @@ def run_phase(
     model.train()
     while state.step < plan.steps:
         generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, plan.index, state.epoch))
-        torch.manual_seed(epoch_seed(cfg.seed, plan.index, state.epoch))
+        seed_everything(epoch_seed(cfg.seed, plan.index, state.epoch))  # timm's crops draw from `random`
         loss_sum, seen = 0.0, 0
         desc = f"{plan.phase.name} epoch {state.epoch + 1}"
         for x, y in batches(train_loader(generator), device, desc, cfg.progress):

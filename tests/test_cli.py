@@ -1,0 +1,148 @@
+"""End to end through the `lnshift` command on a tiny model and the built-in real PACS images."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lnshift import rundir as rd
+from lnshift.cli import main
+from lnshift.data import ImageDataset, make_transform, open_source
+from lnshift.data.builtin import resolve_spec
+from lnshift.evaluate import predict
+from lnshift.fit import loader
+from lnshift.saved_run import load_run
+
+TINY = ["--model-kwargs", "{img_size: 32, patch_size: 8}", "--workers", "0", "--progress", "false"]
+DATA = ["--shots", "4", "--test", "photo=builtin:pacs-mini/photo-test", "--test", "sketch=builtin:pacs-mini/sketch"]
+
+
+def fit(out, *extra):
+    return main(["fit", "--out", str(out), *TINY, *DATA, "--epochs", "2", "--batch-size", "8", *extra])
+
+
+@pytest.fixture(scope="module")
+def ln_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "ln"
+    assert fit(out, "--method", "ln") == 0
+    return out
+
+
+def test_run_directory_contract(ln_run):
+    for name in (rd.CONFIG, rd.SPLITS, rd.BASE, rd.ADAPTER, rd.METRICS, rd.CYCLES, rd.EVENTS, rd.LOG, rd.DONE):
+        assert (ln_run / name).is_file(), name
+    metrics = json.loads((ln_run / rd.METRICS).read_text())
+    assert set(metrics["test"]) == {"photo", "sketch"}
+    for m in [metrics["val"], *metrics["test"].values()]:
+        assert {"accuracy", "balanced_accuracy", "macro_f1", "ece"} <= set(m)
+    splits = json.loads((ln_run / rd.SPLITS).read_text())
+    assert all(n == 4 for n in splits["splits"]["train"]["counts"].values())  # 4 shots x 7 classes
+    assert not set(splits["splits"]["train"]["indices"]) & set(splits["splits"]["val"]["indices"])
+    config = (ln_run / rd.CONFIG).read_text()
+    assert "torch:" in config and "timm:" in config and "seed: 0" in config
+    assert not (ln_run / rd.CHECKPOINT / "state.pt").exists()
+
+
+def test_adapter_holds_only_layernorms_and_head(ln_run):
+    adapter = load_file(ln_run / rd.ADAPTER)
+    base = load_file(ln_run / rd.BASE)
+    assert set(adapter) == set(base)
+    assert all(k.startswith("head.") or ".norm" in k for k in adapter)
+    assert sum(v.numel() for v in adapter.values()) < 5000
+    changed = [k for k in adapter if not torch.equal(adapter[k], base[k])]
+    assert any(".norm" in k for k in changed) and any(k.startswith("head.") for k in changed)
+
+
+def test_loaded_run_reproduces_saved_validation_metrics(ln_run):
+    saved = load_run(ln_run)
+    splits = json.loads((ln_run / rd.SPLITS).read_text())
+    val = splits["splits"]["val"]
+    source = open_source(resolve_spec(val["source"]))
+    ds = ImageDataset(
+        source, val["indices"], splits["class_to_idx"], make_transform(saved.model.backbone.data_config, train=False)
+    )
+    logits, labels = predict(saved.model, loader(ds, saved.cfg, train=False), torch.device("cpu"), "fp32")
+    metrics = json.loads((ln_run / rd.METRICS).read_text())["val"]
+    assert float(np.mean(logits.argmax(1) == labels)) == metrics["accuracy"]
+    loss = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
+    assert loss == pytest.approx(metrics["loss"], abs=1e-6)
+    again, _ = predict(load_run(ln_run).model, loader(ds, saved.cfg, train=False), torch.device("cpu"), "fp32")
+    assert np.array_equal(logits, again)
+
+
+def test_merge_gives_a_plain_timm_state_dict(ln_run, tmp_path):
+    import timm
+
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", str(ln_run), "--out", str(out)]) == 0
+    state = load_file(out)
+    model = timm.create_model("test_vit", num_classes=7, img_size=32, patch_size=8)
+    model.load_state_dict(state)  # strict: names and shapes are timm's own
+    saved = load_run(ln_run)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x), saved.model(x), atol=1e-6)
+
+
+def test_eval_adds_a_test_set(ln_run, capsys):
+    assert main(["eval", str(ln_run), "--test", "cartoon=builtin:pacs-mini/cartoon", "--device", "cpu"]) == 0
+    metrics = json.loads((ln_run / rd.METRICS).read_text())
+    assert metrics["test"]["cartoon"]["n"] == 140 and "photo" in metrics["test"]
+    assert "cartoon: accuracy" in capsys.readouterr().out
+
+
+def test_existing_run_is_refused_with_a_clear_error(ln_run, capsys):
+    assert fit(ln_run) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch):
+    import lnshift.loop as loop
+
+    assert fit(tmp_path / "whole", "--method", "lp-ln") == 0
+    calls = {"n": 0}
+    real = loop.run_phase
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # killed when the second phase starts, after the first one finished
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("lnshift.fit.run_phase", interrupted)
+    assert fit(tmp_path / "cut", "--method", "lp-ln") == 130
+    assert not (tmp_path / "cut" / rd.DONE).exists()
+    monkeypatch.setattr("lnshift.fit.run_phase", real)
+    assert fit(tmp_path / "cut", "--method", "lp-ln", "--resume") == 0
+    a, b = load_file(tmp_path / "whole" / rd.ADAPTER), load_file(tmp_path / "cut" / rd.ADAPTER)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", ["lp", "bitfit", "lora", "cyclic", "full"])
+def test_every_method_runs(tmp_path, method):
+    assert fit(tmp_path / method, "--method", method, "--epochs", "4") == 0
+    phases = json.loads((tmp_path / method / rd.CYCLES).read_text())["phases"]
+    assert len(phases) == (4 if method == "cyclic" else 1)
+
+
+def test_inspect_lists_layernorms(capsys):
+    assert main(["inspect", "--model", "test_vit"]) == 0
+    out = capsys.readouterr().out
+    assert "model.blocks.0.norm1" in out and "trainable LayerNorm values" in out
+
+
+def test_help_of_every_command():
+    out = subprocess.run([sys.executable, "-m", "lnshift", "--help"], capture_output=True, text=True, check=True).stdout
+    for cmd in ("fit", "eval", "merge", "inspect"):
+        assert cmd in out
+
+
+@pytest.mark.parametrize("cmd", ["fit", "eval", "merge", "inspect"])
+def test_subcommand_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0 and "usage: lnshift " + cmd in capsys.readouterr().out
