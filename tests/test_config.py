@@ -26,8 +26,8 @@ def test_every_field_is_an_option():
     p = argparse.ArgumentParser()
     add_fit_options(p)
     text = p.format_help()
-    for name in FitConfig.__dataclass_fields__:
-        assert "--" + name.replace("_", "-") in text
+    for f in FitConfig.__dataclass_fields__.values():
+        assert f.metadata.get("flag", "--" + f.name.replace("_", "-")) in text
 
 
 @pytest.mark.parametrize(
@@ -39,11 +39,21 @@ def test_every_field_is_an_option():
         ({"val_fraction": 0}, "--val-fraction"),
         ({"epochs": 0}, "--epochs"),
         ({"resume": True, "overwrite": True}, "--resume"),
+        ({"lam": "big"}, "--lambda"),
+        ({"lam": "auto", "method": "lp"}, "--method lp"),
+        ({"lambda_target": "alpha"}, "--lambda-target"),
     ],
 )
 def test_validation_names_the_option(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         FitConfig(**kwargs)
+
+
+def test_lambda_option_in_file_and_cli(tmp_path):
+    f = tmp_path / "exp.yaml"
+    f.write_text("lambda: auto\n")
+    assert parse(["--config", str(f)]).lam == "auto"
+    assert parse(["--lambda", "1.5"]).lam == "1.5"
 
 
 def test_unknown_key_in_file(tmp_path):

@@ -32,32 +32,23 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class FitConfig:
     # backbone
-    model: str = _opt(
-        DEFAULT_MODEL, "timm name, hf-hub: name, hf:FOLDER, open_clip:ARCH or a registered short name"
-    )
+    model: str = _opt(DEFAULT_MODEL, "timm name, hf-hub: name, hf:FOLDER, open_clip:ARCH or a registered short name")
     weights: str | None = _opt(None, "local weights file or folder for --model (no download)")
     pretrained: bool = _opt(True, "load the model's pretrained weights when no --weights is given")
     model_kwargs: dict = _opt({}, "extra constructor arguments for the model, as YAML, e.g. '{img_size: 64}'")
     # data
-    train: str = _opt(
-        f"{BUILTIN_DATA}/photo", "training data: DIR, FILE.zip[:INNER], or FILE.csv (path,label[,group])"
-    )
-    val: str | None = _opt(
-        None, "validation data; when absent a stratified hold-out of --train (--val-fraction)"
-    )
+    train: str = _opt(f"{BUILTIN_DATA}/photo", "training data: DIR, FILE.zip[:INNER], or FILE.csv (path,label[,group])")
+    val: str | None = _opt(None, "validation data; when absent a stratified hold-out of --train (--val-fraction)")
     test: dict = _opt(
-        {"sketch": f"{BUILTIN_DATA}/sketch"}, "named test sets NAME=SPEC (repeat the option for several)"
+        {"photo": f"{BUILTIN_DATA}/photo-test", "sketch": f"{BUILTIN_DATA}/sketch"},
+        "named test sets NAME=SPEC (repeat the option for several)",
     )
-    data_root: str | None = _opt(
-        None, "folder or zip that CSV paths are relative to (default: the CSV's folder)"
-    )
+    data_root: str | None = _opt(None, "folder or zip that CSV paths are relative to (default: the CSV's folder)")
     fraction: float | None = _opt(None, "use this stratified fraction of the training data (0 < F <= 1)")
     shots: int | None = _opt(None, "use exactly K training images per class")
     val_fraction: float = _opt(0.2, "hold-out fraction of --train used for validation when --val is absent")
     test_fraction: float | None = _opt(None, "hold out this fraction of --train as the test set 'holdout'")
-    augment: str = _opt(
-        "default", "training augmentation: default (timm), strong (RandAugment + erasing), none"
-    )
+    augment: str = _opt("default", "training augmentation: default (timm), strong (RandAugment + erasing), none")
     skip_bad_images: bool = _opt(False, "skip undecodable images (listed in the log) instead of stopping")
     # method
     method: str = _opt("ln", "lp, ln, full, bitfit, lora, lp-ln or cyclic")
@@ -68,6 +59,19 @@ class FitConfig:
     include_layerscale: bool = _opt(False, "also tune LayerScale gains (off: LayerNorm only)")
     lora_rank: int = _opt(8, "LoRA rank for --method lora")
     lora_alpha: float = _opt(16.0, "LoRA alpha for --method lora")
+    # lambda rescaling and FSR
+    lam: str | None = _opt(
+        None,
+        "rescale the LayerNorm shift: a number, 'auto' (grid on validation) or 'fsr' (1 / estimated FSR)",
+        flag="--lambda",
+    )
+    lambda_target: str = _opt("gamma", "which LayerNorm parameters lambda rescales: gamma, beta or both")
+    lambda_grid: str = _opt(",".join(str(0.25 * i) for i in range(13)), "lambda values tried by --lambda auto")
+    lambda_each_cycle: bool = _opt(False, "cyclic: rescale after every LayerNorm phase instead of once at the end")
+    fsr_subsets: str = _opt("0.25,0.5,0.75", "nested training fractions tuned to estimate FSR (the full set is added)")
+    fsr_seeds: int = _opt(2, "seeds per subset for the FSR estimate")
+    subset: float | None = _opt(None, "keep this nested fraction of the training split (set by the FSR estimator)")
+    subset_seed: int = _opt(0, "seed of --subset")
     # optimisation
     epochs: int = _opt(10, "total epochs, split evenly over the method's phases")
     steps: int | None = _opt(None, "total optimiser steps instead of --epochs (a fixed budget, e.g. for FSR)")
@@ -109,6 +113,21 @@ class FitConfig:
             raise ConfigError(f"--select must be 'best' or 'last', got {self.select!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.lambda_target not in ("gamma", "beta", "both"):
+            raise ConfigError(f"--lambda-target must be gamma, beta or both, got {self.lambda_target!r}")
+        if self.lam is not None:
+            self.lam = str(self.lam)
+            if self.lam not in ("auto", "fsr"):
+                try:
+                    float(self.lam)
+                except ValueError:
+                    raise ConfigError(f"--lambda must be a number, 'auto' or 'fsr', got {self.lam!r}") from None
+            if self.method in ("lp", "full", "bitfit", "lora"):
+                raise ConfigError(f"--lambda rescales LayerNorm shifts, which --method {self.method} does not tune")
+        if self.lambda_each_cycle and self.lam == "fsr":
+            raise ConfigError("--lambda-each-cycle works with a number or 'auto', not 'fsr'")
+        if self.subset is not None and not 0 < self.subset <= 1:
+            raise ConfigError(f"--subset must be in (0, 1], got {self.subset}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -120,6 +139,9 @@ class FitConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> FitConfig:
+        data = dict(data)
+        if "lambda" in data:  # the option's name in files and on the command line
+            data["lam"] = data.pop("lambda")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -167,7 +189,7 @@ def add_fit_options(parser: argparse.ArgumentParser) -> None:
     """One CLI option per FitConfig field; defaults are None so only given options override the config."""
     parser.add_argument("--config", help="YAML file of options (keys as below, with underscores)")
     for f in fields(FitConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
         help_text = f.metadata["help"]
         kind = str(f.type)
         if f.name == "test":
@@ -178,7 +200,7 @@ def add_fit_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, metavar="BOOL", help=help_text)
         else:
             scalar = {"int": int, "float": float}.get(kind.split(" ")[0], str)
-            parser.add_argument(flag, type=scalar, help=f"{help_text} (default: {f.default})")
+            parser.add_argument(flag, dest=f.name, type=scalar, help=f"{help_text} (default: {f.default})")
 
 
 def config_from_args(args: argparse.Namespace) -> FitConfig:

@@ -34,9 +34,12 @@ from .data import (
 from .data.builtin import resolve_spec
 from .errors import ConfigError, RunDirError
 from .evaluate import evaluate, resolve_device
+from .fsr_runs import estimate_fsr
 from .heads import Classifier, build_head
+from .lambdas import parse_grid, select_lambda
 from .loop import PhasePlan, PhaseState, restore, run_phase, seed_everything, snapshot
 from .phases import phases_for, split_budget
+from .shift import ShiftReport, layer_shift, rescale
 from .strategies import StrategyOptions, get_strategy, norm_module_names
 
 # options that may differ between an interrupted run and its --resume without changing the result
@@ -100,6 +103,8 @@ def prepare_data(cfg: FitConfig, data_config: dict) -> Data:
     if cfg.fraction is not None or cfg.shots is not None:
         chosen = subsample([labels[i] for i in pool], fraction=cfg.fraction, shots=cfg.shots, seed=cfg.seed)
         pool = pool[chosen]
+    if cfg.subset is not None:  # nested subsets of the training split, for the FSR estimator
+        pool = pool[subsample([labels[i] for i in pool], fraction=cfg.subset, seed=cfg.subset_seed)]
     splits.insert(0, Split("train", cfg.train, sorted(pool.tolist())))
     for name, spec in test_specs.items():
         src = sources.get(spec) or open_spec(spec, cfg)
@@ -114,20 +119,16 @@ def prepare_data(cfg: FitConfig, data_config: dict) -> Data:
 
     def dataset(name: str, transform: Callable) -> ImageDataset:
         split = by_name[name]
-        return ImageDataset(sources[split.source], split.indices, class_to_idx, transform, cache=True)
+        ds = ImageDataset(sources[split.source], split.indices, class_to_idx, transform, cache=True)
+        ds.split = name  # read by the lambda-selection guard
+        return ds
 
-    options = {
-        k: getattr(cfg, k) for k in ("fraction", "shots", "val_fraction", "test_fraction", "data_root")
-    }
+    options = {k: getattr(cfg, k) for k in ("fraction", "shots", "val_fraction", "test_fraction", "data_root")}
     return Data(
         classes=classes,
         train=dataset("train", train_tf),
         val=dataset("val", eval_tf),
-        tests={
-            s.name.removeprefix("test:"): dataset(s.name, eval_tf)
-            for s in splits
-            if s.name.startswith("test:")
-        },
+        tests={s.name.removeprefix("test:"): dataset(s.name, eval_tf) for s in splits if s.name.startswith("test:")},
         splits=splits_to_dict(splits, sources, classes, cfg.seed, options),
     )
 
@@ -150,7 +151,7 @@ def build_model(cfg: FitConfig, backbone: nn.Module, num_classes: int) -> Classi
 
 
 def plan_phases(model: nn.Module, cfg: FitConfig, steps_per_epoch: int) -> list[PhasePlan]:
-    phases = phases_for(cfg.method, cfg.cycles)
+    phases = phases_for(cfg.method, cfg.cycles, rescale_each_cycle=cfg.lambda_each_cycle)
     total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
     budgets = split_budget(total, len(phases))
     options = strategy_options(cfg)
@@ -222,6 +223,7 @@ def fit(cfg: FitConfig, echo: Callable[[str], None] | None = print) -> rd.RunDir
     }
     if not (run / rd.BASE).exists():
         rd.write_tensors(run / rd.BASE, snapshot(model, names), meta)
+    base, _ = run.read_tensors(rd.BASE)
 
     ckpt_path = run / rd.CHECKPOINT / "state.pt"
     done_phases: list[dict] = []
@@ -232,15 +234,12 @@ def fit(cfg: FitConfig, echo: Callable[[str], None] | None = print) -> rd.RunDir
         done_phases, resume_state = ckpt["done_phases"], ckpt["state"]
         log.info(f"resuming after phase {len(done_phases)} epoch {resume_state.epoch if resume_state else 0}")
 
-    validate = partial(
-        evaluate, model, loader(data.val, cfg, train=False), len(data.classes), device, cfg.precision
-    )
+    trained_norms = [m for m in norms if f"{m}.weight" in names]
+    validate = partial(evaluate, model, loader(data.val, cfg, train=False), len(data.classes), device, cfg.precision)
     for plan in plans[len(done_phases) :]:
 
         def save_checkpoint(state: PhaseState, plan: PhasePlan = plan) -> None:
-            rd.save_torch(
-                ckpt_path, {"tensors": snapshot(model, names), "done_phases": done_phases, "state": state}
-            )
+            rd.save_torch(ckpt_path, {"tensors": snapshot(model, names), "done_phases": done_phases, "state": state})
 
         state = run_phase(
             model,
@@ -254,20 +253,30 @@ def fit(cfg: FitConfig, echo: Callable[[str], None] | None = print) -> rd.RunDir
             resume_state,
         )
         resume_state = None
-        done_phases.append(
-            {
-                "phase": plan.phase.name,
-                "strategy": plan.phase.strategy,
-                "steps": plan.steps,
-                "best_epoch": state.best_epoch,
-                "history": state.history,
-            }
-        )
-        rd.save_torch(
-            ckpt_path, {"tensors": snapshot(model, names), "done_phases": done_phases, "state": None}
-        )
+        record = {"phase": plan.phase.name, "strategy": plan.phase.strategy, "steps": plan.steps}
+        record.update(best_epoch=state.best_epoch, history=state.history)
+        if trained_norms:
+            record.update(totals(layer_shift(base, snapshot(model, names), trained_norms)))
+        if plan.phase.rescale_after and cfg.lam is not None:
+            record["lambda"] = apply_lambda(model, cfg, trained_norms, base, names, data, device)["lambda"]
+            record["val_after_lambda"] = validate()["accuracy"]
+        done_phases.append(record)
+        rd.save_torch(ckpt_path, {"tensors": snapshot(model, names), "done_phases": done_phases, "state": None})
 
+    if cfg.lam is not None and not cfg.lambda_each_cycle:
+        tuned = snapshot(model, names)
+        if cfg.lam == "fsr":
+            steps = sum(p.steps for p in plans)
+            shift = layer_shift(base, tuned, trained_norms).to_dict()
+            estimate = estimate_fsr(cfg, run.path, len(data.train), shift, steps, log.info)
+            rd.write_json(run / rd.FSR_ESTIMATE, estimate)
+        rd.write_tensors(run / rd.FINETUNED, tuned, meta)
+        choice = apply_lambda(model, cfg, trained_norms, base, names, data, device)
+        rd.write_json(run / rd.LAMBDA, choice)
+        log.info(f"lambda {choice['lambda']:g} ({cfg.lam}) on {cfg.lambda_target}")
     rd.write_tensors(run / rd.ADAPTER, snapshot(model, names), meta)
+    if trained_norms:
+        rd.write_json(run / rd.SHIFT, layer_shift(base, snapshot(model, names), trained_norms).to_dict())
     rd.write_json(run / rd.CYCLES, {"phases": done_phases})
     metrics = evaluate_all(model, data, cfg, device)
     rd.write_json(run / rd.METRICS, metrics)
@@ -277,15 +286,46 @@ def fit(cfg: FitConfig, echo: Callable[[str], None] | None = print) -> rd.RunDir
     return run
 
 
+def apply_lambda(
+    model: nn.Module, cfg: FitConfig, norms: list[str], base: dict, names: list[str], data: Data, device: torch.device
+) -> dict[str, Any]:
+    """Choose lambda (a number, on validation, or from the FSR estimate) and rescale the LayerNorms in place."""
+    tuned = snapshot(model, names)
+    curve = select_lambda(
+        model,
+        norms,
+        base,
+        tuned,
+        data.val,
+        len(data.classes),
+        device,
+        grid=parse_grid(cfg.lambda_grid),
+        target=cfg.lambda_target,
+        batch_size=cfg.eval_batch_size,
+        precision=cfg.precision,
+    )
+    record = curve.to_dict()
+    if cfg.lam == "fsr":
+        record["lambda"] = rd.RunDir(cfg.out).read_json(rd.FSR_ESTIMATE)["lambda"]
+        record["selected_on"] = "training data (FSR estimate); the validation curve is recorded, not used"
+    elif cfg.lam != "auto":
+        record["lambda"] = float(cfg.lam)
+        record["selected_on"] = "given"
+    restore(model, rescale(base, tuned, norms, record["lambda"], cfg.lambda_target))
+    return record
+
+
 def evaluate_all(model: nn.Module, data: Data, cfg: FitConfig, device: torch.device) -> dict[str, Any]:
     n = len(data.classes)
     ev = partial(evaluate, num_classes=n, device=device, precision=cfg.precision, progress=cfg.progress)
     return {
         "val": ev(model, loader(data.val, cfg, train=False), desc="val"),
-        "test": {
-            k: ev(model, loader(ds, cfg, train=False), desc=f"test:{k}") for k, ds in data.tests.items()
-        },
+        "test": {k: ev(model, loader(ds, cfg, train=False), desc=f"test:{k}") for k, ds in data.tests.items()},
     }
+
+
+def totals(shift: ShiftReport) -> dict[str, float]:
+    return {"shift_gamma": shift.shift_gamma, "shift_beta": shift.shift_beta, "shift_ln": shift.shift_ln}
 
 
 def summarize(metrics: dict[str, Any]) -> str:

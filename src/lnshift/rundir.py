@@ -27,6 +27,10 @@ BASE = "base.safetensors"
 ADAPTER = "adapter.safetensors"
 METRICS = "metrics.json"
 SHIFT = "shift.json"
+LAMBDA = "lambda.json"
+FINETUNED = "finetuned.safetensors"  # tuned values before lambda rescaling, when a lambda was applied
+FSR = "fsr.json"
+FSR_ESTIMATE = "fsr_estimate.json"
 CYCLES = "cycles.json"
 EVENTS = "events.jsonl"
 LOG = "train.log"
@@ -113,11 +117,7 @@ class RunDir:
             raise RunDirError(f"run directory not found: {self.path}")
         missing = [n for n in names if not (self.path / n).exists()]
         if missing:
-            hint = (
-                ""
-                if self.done
-                else " (the run has no DONE marker: it did not finish; rerun it with --resume)"
-            )
+            hint = "" if self.done else " (the run has no DONE marker: it did not finish; rerun it with --resume)"
             raise RunDirError(f"{self.path}: missing {', '.join(missing)}{hint}")
 
     def read_json(self, name: str) -> Any:

@@ -1,0 +1,164 @@
+"""Choosing lambda on validation data: a whole grid of rescaled models scored in one batched pass.
+
+Every LayerNorm is temporarily patched so that a batch of L x B images uses L different (gamma, beta)
+sets, one per lambda: the frozen weights are read once per batch instead of once per lambda, and the
+Python overhead is one pass. Selection accepts only a dataset tagged as the validation split, so a
+test split can never choose lambda through this API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .errors import ConfigError
+from .evaluate import autocast
+from .metrics import classification_metrics
+from .shift import rescale_batch
+
+DEFAULT_GRID = tuple(round(0.25 * i, 2) for i in range(13))  # 0, 0.25, ..., 3
+VALIDATION = "val"
+
+
+@dataclass
+class LambdaCurve:
+    grid: list[float]
+    metrics: list[dict[str, float]]
+    chosen: float
+    target: str
+    split: str
+    seconds: float
+    forward_passes: int
+
+    def to_dict(self) -> dict:
+        return {
+            "lambda": self.chosen,
+            "target": self.target,
+            "selected_on": self.split,
+            "criterion": "validation accuracy; ties -> lambda closest to 1",
+            "curve": [{"lambda": lam, **m} for lam, m in zip(self.grid, self.metrics, strict=True)],
+            "cost": {"seconds": round(self.seconds, 3), "batched_forward_passes": self.forward_passes},
+        }
+
+
+def require_validation(dataset: object) -> None:
+    """The guard: lambda may only be chosen on a dataset that the pipeline tagged as the validation split."""
+    split = getattr(dataset, "split", None)
+    if split != VALIDATION:
+        raise ConfigError(
+            f"lambda is selected on the validation split only; this dataset is tagged {split!r}. "
+            "Test splits are for reporting, never for selection."
+        )
+
+
+@contextlib.contextmanager
+def batched_layernorms(
+    model: nn.Module, norms: Sequence[str], params: dict[str, torch.Tensor], n_variants: int
+) -> Iterator[None]:
+    """Make each LayerNorm in `norms` apply variant k's affine parameters to the k-th block of the batch.
+
+    `params` maps `norm.weight` / `norm.bias` to stacks of shape (n_variants, C); a missing entry keeps
+    the module's own parameter for every variant.
+    """
+    modules = dict(model.named_modules())
+    saved = {}
+    for name in norms:
+        m = modules[name]
+        gamma = params.get(f"{name}.weight", m.weight.detach().expand(n_variants, -1))
+        beta = params.get(f"{name}.bias")
+        if beta is None and m.bias is not None:
+            beta = m.bias.detach().expand(n_variants, -1)
+
+        def forward(x: torch.Tensor, m: nn.Module = m, gamma: torch.Tensor = gamma, beta=beta) -> torch.Tensor:
+            y = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+            y = y.view(n_variants, -1, *y.shape[1:])
+            shape = (n_variants,) + (1,) * (y.dim() - 2) + (y.shape[-1],)
+            y = y * gamma.to(y.dtype).view(shape)
+            if beta is not None:
+                y = y + beta.to(y.dtype).view(shape)
+            return y.view(-1, *y.shape[2:])
+
+        saved[name] = m.forward
+        m.forward = forward
+    try:
+        yield
+    finally:
+        for name, fwd in saved.items():
+            modules[name].forward = fwd
+
+
+@torch.inference_mode()
+def grid_logits(
+    model: nn.Module,
+    norms: Sequence[str],
+    base: dict[str, torch.Tensor],
+    tuned: dict[str, torch.Tensor],
+    grid: Sequence[float],
+    loader: DataLoader,
+    device: torch.device,
+    precision: str = "auto",
+    target: str = "gamma",
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Logits (len(grid), N, classes) of every rescaled model, labels (N,), and the number of batched passes."""
+    stacks = {k: v.to(device) for k, v in rescale_batch(base, tuned, norms, list(grid), target).items()}
+    n = len(grid)
+    logits, labels = [], []
+    was_training = model.training
+    model.eval()
+    with batched_layernorms(model, norms, stacks, n), autocast(device, precision):
+        for x, y in loader:
+            x = x.to(device)
+            logits.append(model(x.repeat(n, *([1] * (x.dim() - 1)))).float().view(n, x.shape[0], -1).cpu())
+            labels.append(y)
+    model.train(was_training)
+    return torch.cat(logits, dim=1), torch.cat(labels), len(labels)
+
+
+def choose(grid: Sequence[float], metrics: Sequence[dict[str, float]]) -> float:
+    """Best validation accuracy; among ties the lambda closest to 1 (the least change to the tuned model)."""
+    best = max(m["accuracy"] for m in metrics)
+    return min((lam for lam, m in zip(grid, metrics, strict=True) if m["accuracy"] == best), key=lambda v: abs(v - 1))
+
+
+def select_lambda(
+    model: nn.Module,
+    norms: Sequence[str],
+    base: dict[str, torch.Tensor],
+    tuned: dict[str, torch.Tensor],
+    val_dataset: torch.utils.data.Dataset,
+    num_classes: int,
+    device: torch.device,
+    *,
+    grid: Sequence[float] = DEFAULT_GRID,
+    target: str = "gamma",
+    batch_size: int = 256,
+    precision: str = "auto",
+) -> LambdaCurve:
+    """Score the grid on the validation split and pick lambda; refuses any split but validation."""
+    require_validation(val_dataset)
+    if not grid:
+        raise ConfigError("--lambda-grid is empty")
+    per_pass = max(1, batch_size // len(grid))
+    loader = DataLoader(val_dataset, batch_size=per_pass, shuffle=False)
+    start = time.perf_counter()
+    logits, labels, passes = grid_logits(model, norms, base, tuned, grid, loader, device, precision, target)
+    metrics = [classification_metrics(lk.numpy(), labels.numpy(), num_classes) for lk in logits]
+    seconds = time.perf_counter() - start
+    return LambdaCurve(list(grid), metrics, choose(grid, metrics), target, VALIDATION, seconds, passes)
+
+
+def parse_grid(text: str) -> list[float]:
+    try:
+        grid = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise ConfigError(f"--lambda-grid must be comma-separated numbers, got {text!r}") from e
+    if not grid:
+        raise ConfigError("--lambda-grid is empty")
+    return grid
