@@ -1,0 +1,109 @@
+"""timm ViTs: any `timm.create_model` name, with weights from the hub cache, a file or a folder."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import timm
+import timm.data
+from torch import Tensor, nn
+
+from ..errors import ModelError
+from .base import Backbone, load_state_dict_strict, merge_data_config, read_weights
+
+
+class TimmBackbone(Backbone):
+    """Pooled = `forward_head(pre_logits=True)`, so each model keeps its own pooling (CLS, avg, MAP)."""
+
+    family = "timm"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+    def forward_tokens(self, x: Tensor) -> Tensor:
+        tokens = self.model.forward_features(x)
+        if tokens.ndim != 3:
+            raise ModelError(
+                f"timm model {self.name!r} gives features of shape {tuple(tokens.shape)}, not a token sequence"
+            )
+        return tokens
+
+
+def _folder_config(folder: Path) -> dict[str, Any]:
+    """A timm hub style `config.json` ({"architecture", "model_args", "pretrained_cfg"})."""
+    file = folder / "config.json"
+    try:
+        cfg = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelError(f"cannot read timm model config {file}: {err}") from err
+    if not isinstance(cfg, dict) or "architecture" not in cfg:
+        raise ModelError(f"{file} has no 'architecture' key, so it is not a timm model folder")
+    return cfg
+
+
+def _filter_checkpoint(model: nn.Module, state_dict: dict[str, Tensor], source: str) -> dict[str, Tensor]:
+    """Apply the model module's own `checkpoint_filter_fn`, as timm does for pretrained weights.
+
+    This converts original-format checkpoints (DINOv2, OpenAI CLIP, ...) and resamples position
+    embeddings when `img_size` differs from the size the weights were trained at.
+    """
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is None:
+        return state_dict
+    try:
+        return filter_fn(state_dict, model)
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise ModelError(f"weights {source} could not be converted for {type(model).__name__}: {err}") from err
+
+
+def load_timm(
+    name: str,
+    weights: str | Path | None = None,
+    *,
+    pretrained: bool = True,
+    model_kwargs: dict[str, Any] | None = None,
+    data_config: dict[str, Any] | None = None,
+) -> TimmBackbone:
+    """Build `name` (a timm name or a timm-format folder) without a classifier and load its weights.
+
+    `data_config` overrides what timm reports; preprocessing stored with the weights overrides both.
+    """
+    kwargs = dict(model_kwargs or {})
+    arch = name
+    if Path(name).is_dir():
+        cfg = _folder_config(Path(name))
+        arch = cfg["architecture"]
+        kwargs = {**cfg.get("model_args", {}), **kwargs}
+        weights = weights if weights is not None else name
+    from_hub = pretrained and weights is None
+    try:
+        model = timm.create_model(arch, pretrained=from_hub, **{**kwargs, "num_classes": 0})
+    except TypeError as err:
+        raise ModelError(f"timm model {arch!r} does not accept model_kwargs {kwargs}: {err}") from err
+    except Exception as err:
+        if not from_hub:
+            raise ModelError(f"could not build timm model {arch!r}: {err}") from err
+        raise ModelError(
+            f"could not load pretrained weights for timm model {arch!r} offline ({err}); "
+            "pass a weights file (--weights FILE) or pretrained=False for random init"
+        ) from err
+
+    resolved = timm.data.resolve_data_config({}, model=model)
+    if "img_size" in kwargs:
+        size = kwargs["img_size"]
+        resolved["input_size"] = (3, *((size, size) if isinstance(size, int) else size))
+    weights_config: dict[str, Any] = {}
+    if weights is not None:
+        state_dict, weights_config = read_weights(weights)
+        state_dict = _filter_checkpoint(model, state_dict, str(weights))
+        load_state_dict_strict(model, state_dict, f"timm model {arch!r}", str(weights))
+    return TimmBackbone(
+        model,
+        name,
+        feature_dim=getattr(model, "head_hidden_size", None) or model.num_features,
+        token_dim=model.num_features,
+        data_config=merge_data_config(resolved, data_config, weights_config),
+    )
