@@ -11,9 +11,7 @@ from . import __version__
 from .config import _parse_named, _parse_yaml_dict, add_fit_options, config_from_args
 from .errors import LNShiftError
 
-COMMANDS: dict[
-    str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
-] = {}
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
 
 def command(name: str, help: str, options: Callable[[argparse.ArgumentParser], None]):
@@ -63,9 +61,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory written by `lnshift fit`")
-    p.add_argument(
-        "--out", required=True, help="safetensors file to write (a plain state dict of the tuned model)"
-    )
+    p.add_argument("--out", required=True, help="safetensors file to write (a plain state dict of the tuned model)")
 
 
 @command("merge", "write the tuned model as one plain safetensors state dict", _merge_options)
@@ -100,16 +96,10 @@ def _inspect_options(p: argparse.ArgumentParser) -> None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .backbones import load_backbone, norm_table
 
-    backbone = load_backbone(
-        args.model, args.weights, pretrained=args.pretrained, model_kwargs=args.model_kwargs
-    )
+    backbone = load_backbone(args.model, args.weights, pretrained=args.pretrained, model_kwargs=args.model_kwargs)
     rows, summary = norm_table(backbone, include_rms=args.include_rms)
     if args.json:
-        print(
-            json.dumps(
-                {"norms": rows, **summary, "data_config": backbone.data_config}, indent=2, default=list
-            )
-        )
+        print(json.dumps({"norms": rows, **summary, "data_config": backbone.data_config}, indent=2, default=list))
         return 0
     width = max([len(r["name"]) for r in rows] + [4])
     print(f"{'name':<{width}}  {'type':<16} {'shape':<12} {'params':>8}")
@@ -120,6 +110,92 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"{summary['backbone_params']:,} backbone parameters ({100 * summary['share']:.3f}%)"
     )
     print(f"preprocessing: {backbone.data_config}")
+    return 0
+
+
+def _run_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run directory written by `lnshift fit`")
+
+
+@command("shift", "per-layer LayerNorm shift of a run (writes shift.json)", _run_arg)
+def cmd_shift(args: argparse.Namespace) -> int:
+    from .saved_run import shift_of_run
+
+    print(shift_of_run(args.run).table())
+    return 0
+
+
+def _rescale_options(p: argparse.ArgumentParser) -> None:
+    _run_arg(p)
+    p.add_argument(
+        "--lambda",
+        dest="lam",
+        required=True,
+        help="a number (0 = pretrained LayerNorms, 1 = as fine-tuned, >1 amplifies), 'auto' "
+        "(best on the validation split) or 'fsr' (1 / estimated FSR, after `lnshift fsr --estimate`)",
+    )
+    p.add_argument("--target", default="gamma", choices=["gamma", "beta", "both"], help="parameters to rescale")
+    p.add_argument("--grid", help="comma-separated lambdas for 'auto' (default: the run's --lambda-grid)")
+    p.add_argument("--out", help="new run directory to write (default: rescale the run in place)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+@command("rescale", "rescale a run's LayerNorm shift by lambda and re-evaluate it", _rescale_options)
+def cmd_rescale(args: argparse.Namespace) -> int:
+    from .saved_run import rescale_run
+
+    result = rescale_run(args.run, args.lam, target=args.target, out=args.out, grid=args.grid, device=args.device)
+    print("lambda  val_acc")
+    for point in result["curve"]:
+        mark = "  <- chosen" if point["lambda"] == result["lambda"] else ""
+        print(f"{point['lambda']:>6g}  {point['accuracy']:.4f}{mark}")
+    tests = ", ".join(f"{k} {v['accuracy']:.4f}" for k, v in result["metrics"]["test"].items())
+    print(f"lambda {result['lambda']:g}: val {result['metrics']['val']['accuracy']:.4f}; test {tests}")
+    print(f"run directory: {result['run']}")
+    return 0
+
+
+def _fsr_options(p: argparse.ArgumentParser) -> None:
+    _run_arg(p)
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--reference", help="oracle FSR against this run on fully representative data (same schedule)")
+    way.add_argument(
+        "--estimate",
+        action="store_true",
+        help="estimate FSR from the run's own training data (tunes nested subsets; see docs/fsr.md)",
+    )
+
+
+@command("fsr", "Fine-tuning Shift Ratio of a run: oracle (--reference) or estimated (--estimate)", _fsr_options)
+def cmd_fsr(args: argparse.Namespace) -> int:
+    from .saved_run import estimate_fsr_of_run, fsr_of_run
+
+    if args.reference:
+        report = fsr_of_run(args.run, args.reference)
+        print(report.table())
+        return 0
+    result = estimate_fsr_of_run(args.run)
+    print(
+        f"FSR_est (gamma) {result['fsr_est']:.3f} +- {result['fsr_std']:.3f}  -> lambda {result['lambda']:.3f}   "
+        f"(beta: {result['fsr_beta_est']:.3f}; fit {result['gamma_fit']['model']}, {len(result['points'])} runs)"
+    )
+    return 0
+
+
+def _toy_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0, help="seed of the whole study")
+    p.add_argument("--json", help="also write the full result to this JSON file")
+
+
+@command("toy", "the paper's Gaussian study of shift, FSR and lambda (CPU, under a minute)", _toy_options)
+def cmd_toy(args: argparse.Namespace) -> int:
+    from .rundir import write_json
+    from .toy import run_toy, toy_table
+
+    result = run_toy(seed=args.seed)
+    print(toy_table(result))
+    if args.json:
+        write_json(args.json, result)
     return 0
 
 

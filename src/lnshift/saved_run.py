@@ -6,6 +6,8 @@ another machine or GPU count load the same way.
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,11 +18,15 @@ from torch import nn
 from . import rundir as rd
 from .config import FitConfig
 from .data import ImageDataset, check_classes, make_transform
-from .errors import RunDirError
+from .errors import ConfigError, RunDirError
 from .evaluate import evaluate, resolve_device
 from .fit import build_model, load_configured_backbone, loader, open_spec
+from .fsr import FSRReport, oracle_fsr
+from .fsr_runs import estimate_fsr
 from .heads import Classifier, LinearHead
+from .lambdas import parse_grid, select_lambda
 from .loop import restore
+from .shift import ShiftReport, layer_shift, rescale
 
 
 @dataclass
@@ -111,3 +117,147 @@ def merge_run(path: str | Path, out: str | Path) -> Path:
     }
     rd.write_tensors(out, merged_state_dict(saved.model), meta)
     return Path(out)
+
+
+def split_datasets(saved: SavedRun) -> dict[str, ImageDataset]:
+    """Evaluation datasets of every split in splits.json, tagged with their split name."""
+    splits = saved.run.read_json(rd.SPLITS)
+    transform = make_transform(saved.model.backbone.data_config, train=False)
+    out = {}
+    for name, split in splits["splits"].items():
+        ds = ImageDataset(open_spec(split["source"], saved.cfg), split["indices"], splits["class_to_idx"], transform)
+        ds.split = name
+        out[name] = ds
+    return out
+
+
+def trained_norms(saved: SavedRun) -> list[str]:
+    return [m for m in saved.norms if f"{m}.weight" in saved.adapter]
+
+
+def finetuned_tensors(saved: SavedRun) -> dict[str, torch.Tensor]:
+    """Tuned values before any lambda rescaling: what the LayerNorm shift and FSR are about."""
+    if (saved.run / rd.FINETUNED).exists():
+        return saved.run.read_tensors(rd.FINETUNED)[0]
+    return saved.adapter
+
+
+def shift_of_run(path: str | Path, write: bool = True) -> ShiftReport:
+    """Per-layer LayerNorm shift of the run's model as saved (adapter vs base); writes shift.json."""
+    saved = load_run(path)
+    norms = trained_norms(saved)
+    if not norms:
+        raise RunDirError(f"{saved.run.path}: method {saved.cfg.method!r} tuned no LayerNorm, so there is no shift")
+    report = layer_shift(saved.base, saved.adapter, norms)
+    if write:
+        rd.write_json(saved.run / rd.SHIFT, report.to_dict())
+    return report
+
+
+def rescale_run(
+    path: str | Path,
+    lam: str,
+    *,
+    target: str = "gamma",
+    out: str | Path | None = None,
+    grid: str | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Rescale a run's LayerNorm shift by lambda (a number, 'auto' on validation, or 'fsr') into a new run.
+
+    Lambda always applies to the fine-tuned values (finetuned.safetensors when the run was rescaled
+    before), so rescaling twice never compounds and lambda = 1 restores the fine-tuned model exactly.
+    Without `out` the run is rescaled in place.
+    """
+    saved = load_run(path, device)
+    norms = trained_norms(saved)
+    if not norms:
+        raise RunDirError(f"{saved.run.path}: method {saved.cfg.method!r} tuned no LayerNorm; nothing to rescale")
+    finetuned = finetuned_tensors(saved)
+    model, dev = saved.model, next(saved.model.parameters()).device
+    restore(model, finetuned)
+    datasets = split_datasets(saved)
+    n_classes = len(saved.classes)
+    curve = select_lambda(
+        model,
+        norms,
+        saved.base,
+        finetuned,
+        datasets["val"],
+        n_classes,
+        dev,
+        grid=parse_grid(grid or saved.cfg.lambda_grid),
+        target=target,
+        precision=saved.cfg.precision,
+    )
+    record = curve.to_dict()
+    if lam == "fsr":
+        record["lambda"] = saved.run.read_json(rd.FSR_ESTIMATE)["lambda"]
+        record["selected_on"] = "training data (FSR estimate); the validation curve is recorded, not used"
+    elif lam != "auto":
+        try:
+            record["lambda"] = float(lam)
+        except ValueError:
+            raise ConfigError(f"--lambda must be a number, 'auto' or 'fsr', got {lam!r}") from None
+        record["selected_on"] = "given"
+    record["source_run"] = str(saved.run.path)
+    adapter = {**finetuned, **rescale(saved.base, finetuned, norms, record["lambda"], target)}
+    restore(model, adapter)
+    dest = rd.RunDir(out) if out is not None else saved.run
+    if out is not None:
+        dest.prepare(resume=False, overwrite=False)
+        for name in (rd.CONFIG, rd.SPLITS, rd.BASE, rd.CYCLES):
+            if (saved.run / name).exists():
+                shutil.copyfile(saved.run / name, dest / name)
+    _, meta = saved.run.read_tensors(rd.ADAPTER)
+    rd.write_tensors(dest / rd.FINETUNED, finetuned, meta)
+    rd.write_tensors(dest / rd.ADAPTER, adapter, meta)
+    rd.write_json(dest / rd.LAMBDA, record)
+    rd.write_json(dest / rd.SHIFT, layer_shift(saved.base, adapter, norms).to_dict())
+    cfg = saved.cfg
+    metrics = {
+        "val": evaluate(model, loader(datasets["val"], cfg, train=False), n_classes, dev, cfg.precision),
+        "test": {
+            name.removeprefix("test:"): evaluate(model, loader(ds, cfg, train=False), n_classes, dev, cfg.precision)
+            for name, ds in datasets.items()
+            if name.startswith("test:")
+        },
+    }
+    rd.write_json(dest / rd.METRICS, metrics)
+    dest.mark_done()
+    return {"run": str(dest.path), "lambda": record["lambda"], "metrics": metrics, "curve": record["curve"]}
+
+
+def run_budget(run: rd.RunDir) -> dict[str, Any]:
+    phases = run.read_json(rd.CYCLES)["phases"]
+    return {"steps": sum(p["steps"] for p in phases), "phases": [p["phase"] for p in phases]}
+
+
+def fsr_of_run(path: str | Path, reference: str | Path) -> FSRReport:
+    """Oracle FSR of a run against a reference run on fully representative data; writes fsr.json."""
+    saved, ref = load_run(path), load_run(reference)
+    norms, ref_norms = trained_norms(saved), trained_norms(ref)
+    if not norms or norms != ref_norms:
+        raise RunDirError(f"{saved.run.path} and {ref.run.path} must tune the same LayerNorms to compare shifts")
+    run_b, ref_b = run_budget(saved.run), run_budget(ref.run)
+    budget = {"run_steps": run_b["steps"], "reference_steps": ref_b["steps"], "reference": str(ref.run.path)}
+    report = oracle_fsr(
+        layer_shift(saved.base, finetuned_tensors(saved), norms),
+        layer_shift(ref.base, finetuned_tensors(ref), norms),
+        budget,
+    )
+    rd.write_json(saved.run / rd.FSR, report.to_dict())
+    return report
+
+
+def estimate_fsr_of_run(path: str | Path, echo: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """FSR estimated from the run's own training data (nested-subset runs under RUN_DIR/fsr-estimate/)."""
+    saved = load_run(path)
+    norms = trained_norms(saved)
+    if not norms:
+        raise RunDirError(f"{saved.run.path}: method {saved.cfg.method!r} tuned no LayerNorm; FSR is undefined")
+    shift = layer_shift(saved.base, finetuned_tensors(saved), norms).to_dict()
+    n_train = len(saved.run.read_json(rd.SPLITS)["splits"]["train"]["indices"])
+    result = estimate_fsr(saved.cfg, saved.run.path, n_train, shift, run_budget(saved.run)["steps"], echo)
+    rd.write_json(saved.run / rd.FSR_ESTIMATE, result)
+    return result
