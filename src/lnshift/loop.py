@@ -115,9 +115,7 @@ def run_phase(
     """Train one phase to its step budget; `state` continues an interrupted phase."""
     state = state or PhaseState()
     params = set_trainable(model, plan.trainable)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, plan.trainable, cfg.weight_decay, cfg.decay_1d), lr=cfg.lr
-    )
+    optimizer = torch.optim.AdamW(param_groups(model, plan.trainable, cfg.weight_decay, cfg.decay_1d), lr=cfg.lr)
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
     scheduler = CosineLRScheduler(

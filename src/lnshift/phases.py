@@ -41,8 +41,6 @@ def phases_for(method: str, cycles: int = 2, rescale_each_cycle: bool = False) -
 def split_budget(total: int, n_phases: int) -> list[int]:
     """Split an integer budget over phases as evenly as possible (earlier phases get the remainder)."""
     if total < n_phases:
-        raise ConfigError(
-            f"a budget of {total} cannot be split over {n_phases} phases; raise --epochs or --steps"
-        )
+        raise ConfigError(f"a budget of {total} cannot be split over {n_phases} phases; raise --epochs or --steps")
     base, extra = divmod(total, n_phases)
     return [base + (1 if i < extra else 0) for i in range(n_phases)]

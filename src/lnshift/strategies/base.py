@@ -43,12 +43,7 @@ def norm_module_names(model: nn.Module, options: StrategyOptions) -> list[str]:
 def norm_names(model: nn.Module, options: StrategyOptions) -> list[str]:
     """Affine parameters of every LayerNorm, plus LayerScale gains when asked for."""
     params = dict(model.named_parameters())
-    names = [
-        f"{m}.{p}"
-        for m in norm_module_names(model, options)
-        for p in ("weight", "bias")
-        if f"{m}.{p}" in params
-    ]
+    names = [f"{m}.{p}" for m in norm_module_names(model, options) for p in ("weight", "bias") if f"{m}.{p}" in params]
     if options.include_layerscale:
         names += [f"backbone.{n}" for n in model.backbone.layerscale_parameters()]
     return names

@@ -30,9 +30,7 @@ class LoraStrategy(Strategy):
             return
         targets = attention_linears(model.backbone.model)
         if not targets:
-            raise ConfigError(
-                "--method lora: no Linear layers found inside attention blocks of this backbone"
-            )
+            raise ConfigError("--method lora: no Linear layers found inside attention blocks of this backbone")
         config = LoraConfig(
             r=options.lora_rank,
             lora_alpha=options.lora_alpha,
