@@ -146,3 +146,59 @@ def test_subcommand_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([cmd, "--help"])
     assert e.value.code == 0 and "usage: lnshift " + cmd in capsys.readouterr().out
+
+
+def test_shift_command_writes_the_documented_json(ln_run, capsys):
+    assert main(["shift", str(ln_run)]) == 0
+    shift = json.loads((ln_run / rd.SHIFT).read_text())
+    assert set(shift) == {"layers", "shift_gamma", "shift_beta", "shift_ln"}
+    assert shift["shift_ln"] == pytest.approx(shift["shift_gamma"] + shift["shift_beta"])
+    assert shift["shift_gamma"] > 0 and "total" in capsys.readouterr().out
+
+
+def test_rescale_identities_and_reversibility(ln_run, tmp_path):
+    base, tuned = load_file(ln_run / rd.BASE), load_file(ln_run / rd.ADAPTER)
+    norm_keys = [k for k in tuned if ".norm" in k and k.endswith(".weight")]
+    assert main(["rescale", str(ln_run), "--lambda", "0", "--out", str(tmp_path / "zero")]) == 0
+    zero = load_file(tmp_path / "zero" / rd.ADAPTER)
+    assert all(torch.equal(zero[k], base[k]) for k in norm_keys)  # lambda 0 = pretrained LayerNorm gammas
+    assert any(not torch.equal(zero[k], base[k]) for k in tuned if k.endswith(".bias") and ".norm" in k)  # beta kept
+    # rescaling a rescaled run starts again from the fine-tuned values: lambda 1 restores them exactly
+    assert main(["rescale", str(tmp_path / "zero"), "--lambda", "1"]) == 0
+    back = load_file(tmp_path / "zero" / rd.ADAPTER)
+    assert all(torch.equal(back[k], tuned[k]) for k in tuned)
+    assert main(["rescale", str(ln_run), "--lambda", "2", "--target", "both", "--out", str(tmp_path / "two")]) == 0
+    two = load_file(tmp_path / "two" / rd.ADAPTER)
+    k = norm_keys[0]
+    assert torch.allclose(two[k], base[k] + 2 * (tuned[k] - base[k]), atol=1e-6)
+    lam = json.loads((tmp_path / "two" / rd.LAMBDA).read_text())
+    assert lam["lambda"] == 2.0 and lam["selected_on"] == "given" and (tmp_path / "two" / rd.DONE).exists()
+
+
+def test_rescale_auto_selects_on_validation_only(ln_run, tmp_path, monkeypatch):
+    import lnshift.saved_run as sr
+
+    seen = []
+    real = sr.select_lambda
+
+    def spy(model, norms, base, tuned, dataset, *args, **kwargs):
+        seen.append(dataset.split)
+        return real(model, norms, base, tuned, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(sr, "select_lambda", spy)
+    assert main(["rescale", str(ln_run), "--lambda", "auto", "--grid", "0,1,2", "--out", str(tmp_path / "a")]) == 0
+    assert seen == ["val"]
+    lam = json.loads((tmp_path / "a" / rd.LAMBDA).read_text())
+    assert lam["selected_on"] == "val" and lam["lambda"] in (0, 1, 2)
+
+
+def test_fsr_oracle_between_runs(ln_run, tmp_path, capsys):
+    ref = tmp_path / "ref"
+    assert fit(ref, "--method", "ln", "--shots", "8", "--steps", "8") == 0  # more data, the same 8 steps
+    assert main(["fsr", str(ln_run), "--reference", str(ref)]) == 0
+    fsr = json.loads((ln_run / rd.FSR).read_text())
+    s_run, s_ref = (json.loads((r / rd.SHIFT).read_text()) for r in (ln_run, ref))
+    assert fsr["fsr_gamma"] == pytest.approx(s_run["shift_gamma"] / s_ref["shift_gamma"])
+    assert fsr["fsr_gamma"] != pytest.approx(1.0)
+    assert fsr["budget"]["run_steps"] == fsr["budget"]["reference_steps"] == 8 and not fsr["warnings"]
+    assert "fsr" in capsys.readouterr().out
