@@ -20,7 +20,7 @@ import yaml
 from .errors import ConfigError
 
 BUILTIN_DATA = "builtin:pacs-mini"
-DEFAULT_MODEL = "lnshift/test-vit"
+DEFAULT_MODEL = "lnshift/vit-tiny-cifar10"
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:

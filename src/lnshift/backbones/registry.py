@@ -72,3 +72,25 @@ register(
         notes="timm's 6-block, 64-wide test ViT with random weights: for tests and dry runs.",
     )
 )
+
+register(
+    ModelSpec(
+        name="lnshift/vit-tiny-cifar10",
+        source="timm",
+        arch="vit_tiny_patch16_224",
+        model_kwargs={
+            "img_size": 32,
+            "patch_size": 4,
+            "embed_dim": 192,
+            "depth": 6,
+            "num_heads": 3,
+            "mlp_ratio": 4.0,
+            "class_token": False,
+            "global_pool": "avg",
+        },
+        weights="vit-tiny-cifar10.safetensors",
+        license="apache-2.0 (weights trained by lnshift on CIFAR-10 train)",
+        notes="bundled compact foundation model: 2.7M-parameter ViT, patch 4 at 32 px, supervised on CIFAR-10 "
+        "(86.7% test accuracy); recipe in pretrain/README.md. PACS and LC25000 are unseen.",
+    )
+)
