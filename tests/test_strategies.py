@@ -15,7 +15,9 @@ TINY = {"img_size": 32, "patch_size": 8}
 
 
 def tiny_model(method: str = "ln", head: str = "linear", **cfg_kwargs):
-    cfg = FitConfig(model="lnshift/test-vit", method=method, head=head, model_kwargs=TINY, pretrained=False, **cfg_kwargs)
+    cfg = FitConfig(
+        model="lnshift/test-vit", method=method, head=head, model_kwargs=TINY, pretrained=False, **cfg_kwargs
+    )
     backbone = load_backbone(cfg.model, pretrained=False, model_kwargs=TINY)
     return cfg, build_model(cfg, backbone, num_classes=3)
 

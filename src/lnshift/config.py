@@ -76,6 +76,9 @@ class FitConfig:
     epochs: int = _opt(10, "total epochs, split evenly over the method's phases")
     steps: int | None = _opt(None, "total optimiser steps instead of --epochs (a fixed budget, e.g. for FSR)")
     batch_size: int = _opt(64, "batch size")
+    min_epoch_steps: int = _opt(
+        20, "an epoch (a validation point) is one pass over the data but at least this many steps"
+    )
     lr: float = _opt(1e-3, "peak learning rate (AdamW)")
     weight_decay: float = _opt(0.05, "AdamW weight decay for matrices")
     decay_1d: bool = _opt(False, "also decay 1-D parameters (LayerNorm, biases); off by default")
@@ -130,7 +133,7 @@ class FitConfig:
             raise ConfigError(f"--subset must be in (0, 1], got {self.subset}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
-        for name in ("epochs", "batch_size", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "min_epoch_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 from . import rundir as rd
 from .backbones import load_backbone
@@ -166,14 +166,24 @@ def trained_names(plans: list[PhasePlan]) -> list[str]:
     return list(dict.fromkeys(n for p in plans for n in p.trainable))
 
 
+def epoch_samples(dataset: ImageDataset, cfg: FitConfig) -> int:
+    """An epoch is one pass over the training split, but at least --min-epoch-steps batches.
+
+    Few-shot splits would otherwise validate, checkpoint and restart loaders after every step.
+    """
+    return max(len(dataset), cfg.batch_size * cfg.min_epoch_steps)
+
+
 def loader(
     dataset: ImageDataset, cfg: FitConfig, *, train: bool, generator: torch.Generator | None = None
 ) -> DataLoader:
+    sampler = None
+    if train:  # repeated seeded permutations when an epoch is longer than the split
+        sampler = RandomSampler(dataset, num_samples=epoch_samples(dataset, cfg), generator=generator)
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size if train else cfg.eval_batch_size,
-        shuffle=train,
-        generator=generator,
+        sampler=sampler,
         num_workers=cfg.workers,
         pin_memory=torch.cuda.is_available(),
     )
@@ -211,7 +221,7 @@ def fit(cfg: FitConfig, echo: Callable[[str], None] | None = print) -> rd.RunDir
         + ", ".join(f"test:{k} {len(v)}" for k, v in data.tests.items())
     )
 
-    steps_per_epoch = -(-len(data.train) // cfg.batch_size)
+    steps_per_epoch = -(-epoch_samples(data.train, cfg) // cfg.batch_size)
     plans = plan_phases(model, cfg, steps_per_epoch)
     names = trained_names(plans)
     norms = norm_module_names(model, strategy_options(cfg))
