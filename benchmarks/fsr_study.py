@@ -30,7 +30,9 @@ def run(cfg: FitConfig) -> Path:
     """Fit once; a finished run directory is reused, so the study restarts where it stopped."""
     if rd.RunDir(cfg.out).done:
         return Path(cfg.out)
+    start = time.time()
     fit(cfg, echo=None)
+    print(f"  {cfg.out}: {time.time() - start:.1f} s", flush=True)
     return Path(cfg.out)
 
 
@@ -41,6 +43,15 @@ def accuracy(metrics: dict) -> dict[str, float]:
 
 def read_metrics(run_dir: Path) -> dict:
     return rd.RunDir(run_dir).read_json(rd.METRICS)
+
+
+def save(out: Path, args: argparse.Namespace, rows: list[dict], start: float) -> None:
+    record = {"args": vars(args), "environment": environment(), "seconds": round(time.time() - start, 1), "rows": rows}
+    rd.write_json(out / "results.json", record)
+    with open(out / "results.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def main() -> None:
@@ -122,13 +133,8 @@ def main() -> None:
                         }
                     )
             print(f"{domain} {tag}: done at {time.time() - start:.0f} s", flush=True)
+            save(out, args, rows, start)  # partial results survive an interrupted study
 
-    record = {"args": vars(args), "environment": environment(), "seconds": round(time.time() - start, 1), "rows": rows}
-    rd.write_json(out / "results.json", record)
-    with open(out / "results.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     print(
         f"{'domain':<13}{'frac':>6}{'n':>6} {'method':<12}{'lambda':>7}{'val':>7}{'test':>7}{'FSR_or':>8}{'FSR_est':>9}"
     )
@@ -138,7 +144,7 @@ def main() -> None:
             f"{r['domain']:<13}{r['fraction']:>6g}{r['n_train']:>6} {r['method']:<12}{lam:>7}{r['val']:>7.3f}"
             f"{r['test']:>7.3f}{r['fsr_oracle']:>8.3f}{r['fsr_est']:>9.3f}"
         )
-    print(json.dumps({"seconds": record["seconds"]}))
+    print(json.dumps({"seconds": round(time.time() - start, 1)}))
 
 
 if __name__ == "__main__":
