@@ -113,6 +113,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _no_options(p: argparse.ArgumentParser) -> None:
+    """A command without options."""
+
+
+@command("models", "list the registered foundation models (short names, sources, licences)", _no_options)
+def cmd_models(args: argparse.Namespace) -> int:
+    from .backbones.registry import format_models_table, models_table
+
+    print(format_models_table(models_table()))
+    return 0
+
+
 def _run_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory written by `lnshift fit`")
 

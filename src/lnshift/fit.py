@@ -25,6 +25,7 @@ from .data import (
     Split,
     check_classes,
     check_disjoint,
+    find_duplicate_content,
     holdout,
     make_transform,
     open_source,
@@ -32,7 +33,7 @@ from .data import (
     subsample,
 )
 from .data.builtin import resolve_spec
-from .errors import ConfigError, RunDirError
+from .errors import ConfigError, DataError, RunDirError
 from .evaluate import evaluate, resolve_device
 from .fsr_runs import estimate_fsr
 from .heads import Classifier, build_head
@@ -112,6 +113,22 @@ def prepare_data(cfg: FitConfig, data_config: dict) -> Data:
         sources[spec] = src
         splits.append(Split(f"test:{name}", spec, list(range(len(src)))))
     check_disjoint(splits, sources)
+    skipped: dict[str, list[str]] = {}
+    if cfg.skip_bad_images:
+        for split in splits:
+            src = sources[split.source]
+            bad = set(src.find_bad(split.indices))
+            if bad:
+                skipped[split.name] = sorted(bad)
+                split.indices = [i for i in split.indices if src.samples[i].path not in bad]
+    seen = [s for s in splits if not s.name.startswith("test:")]  # train and val: what the run learns from
+    duplicates = {
+        f"{s.name}~{t.name}": pairs
+        for t in splits
+        if t.name.startswith("test:")
+        for s in seen
+        if (pairs := find_duplicate_content(sources[s.source], s.indices, sources[t.source], t.indices))
+    }
 
     train_tf = make_transform(data_config, train=True, augment=cfg.augment)
     eval_tf = make_transform(data_config, train=False)
@@ -129,7 +146,11 @@ def prepare_data(cfg: FitConfig, data_config: dict) -> Data:
         train=dataset("train", train_tf),
         val=dataset("val", eval_tf),
         tests={s.name.removeprefix("test:"): dataset(s.name, eval_tf) for s in splits if s.name.startswith("test:")},
-        splits=splits_to_dict(splits, sources, classes, cfg.seed, options),
+        splits={
+            **splits_to_dict(splits, sources, classes, cfg.seed, options),
+            "skipped_bad_images": skipped,
+            "duplicates_with_test": duplicates,
+        },
     )
 
 
@@ -137,6 +158,21 @@ def load_configured_backbone(cfg: FitConfig) -> nn.Module:
     """The backbone of a config; seeded first, so a randomly initialised one is the same every time it loads."""
     torch.manual_seed(cfg.seed)
     return load_backbone(cfg.model, cfg.weights, pretrained=cfg.pretrained, model_kwargs=cfg.model_kwargs)
+
+
+def preload(data: Data) -> None:
+    """Decode every image once; an undecodable one stops the run with the full list of bad files."""
+    splits = {"train": data.train, "val": data.val, **{f"test:{k}": v for k, v in data.tests.items()}}
+    for name, ds in splits.items():
+        try:
+            ds.preload()
+        except DataError as e:
+            bad = ds.source.find_bad(ds.indices)
+            listed = ", ".join(bad[:20]) + (f" and {len(bad) - 20} more" if len(bad) > 20 else "")
+            raise DataError(
+                f"{len(bad)} image(s) of split {name} ({ds.source.spec}) cannot be decoded: {listed}. "
+                "Fix or remove them, or pass --skip-bad-images to skip them (they are listed in splits.json)"
+            ) from e
 
 
 def build_model(cfg: FitConfig, backbone: nn.Module, num_classes: int) -> Classifier:
@@ -214,8 +250,12 @@ def fit(cfg: FitConfig, echo: Callable[[str], None] | None = print) -> rd.RunDir
     rd.write_json(run / rd.SPLITS, data.splits)
     if len(data.train) == 0:
         raise ConfigError("the training split is empty")
-    for ds in (data.train, data.val, *data.tests.values()):
-        ds.preload()
+    preload(data)
+    for name, paths in data.splits["skipped_bad_images"].items():
+        log.info(f"skipped {len(paths)} undecodable image(s) of {name}: {', '.join(paths[:10])}")
+    for name, pairs in data.splits["duplicates_with_test"].items():
+        shown = ", ".join(f"{a} = {b}" for a, b in pairs[:5])
+        log.info(f"WARNING: {len(pairs)} test image(s) are byte-identical to {name.split('~')[0]} images: {shown}")
     log.info(
         f"{cfg.model} | {len(data.classes)} classes | train {len(data.train)}, val {len(data.val)}, "
         + ", ".join(f"test:{k} {len(v)}" for k, v in data.tests.items())

@@ -167,19 +167,29 @@ def load_hf(
 
     `model_kwargs` override config values (e.g. `image_size`); `pretrained=False` keeps the
     architecture but initialises randomly; `weights` replaces the folder's weights with a state dict.
+    A `model_type` in `model_kwargs` (as registry entries give) lets the architecture be built from
+    `model_kwargs` alone when `path` is not available locally, so `weights` work fully offline.
     """
     transformers = _import_transformers()
+    kwargs = dict(model_kwargs or {})
+    fallback_type = kwargs.pop("model_type", None)
     try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        model_type = transformers.AutoConfig.from_pretrained(path, local_files_only=True).model_type
+        local_config = True
     except (OSError, ValueError) as err:
-        raise ModelError(f"cannot read HF model config of {path!r} (local files only): {err}") from err
-    model_type = config.model_type
+        if fallback_type is None or (pretrained and weights is None):
+            hint = "pass a weights file (--weights FILE) or pretrained=False; " if fallback_type else ""
+            raise ModelError(f"cannot read HF model config of {path!r} (local files only): {hint}{err}") from err
+        model_type, local_config = fallback_type, False
     if model_type not in MODEL_TYPES:
         raise ModelError(f"HF model {path!r} has model_type {model_type!r}; supported: {sorted(MODEL_TYPES)}")
     spec = MODEL_TYPES[model_type]
     cls = getattr(transformers, spec.cls_name)
     try:
-        config = cls.config_class.from_pretrained(path, local_files_only=True, **(model_kwargs or {}))
+        if local_config:
+            config = cls.config_class.from_pretrained(path, local_files_only=True, **kwargs)
+        else:
+            config = cls.config_class(**kwargs)
         if pretrained and weights is None:
             model, info = cls.from_pretrained(
                 path,

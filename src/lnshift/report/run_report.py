@@ -1,0 +1,265 @@
+"""The sections of a single run's report, read from its run directory only (see rundir.py).
+
+A missing artifact never fails the report: its section says which file is absent and what makes it
+(an `lp` run has no shift, a run without --lambda has no lambda curve), so a report of a half-finished
+run is still worth opening.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+from .. import rundir as rd
+from . import figures as F
+from .html import Figures, Section, key_values, note, num, pct, table, warning
+
+METRIC_COLUMNS = [  # (key, header, formatter)
+    ("accuracy", "accuracy %", pct),
+    ("balanced_accuracy", "balanced acc. %", pct),
+    ("macro_f1", "macro-F1 %", pct),
+    ("ece", "ECE %", pct),
+    ("auroc", "AUROC", lambda v: num(v, 4)),
+]
+
+
+def _json(run: rd.RunDir, name: str) -> Any | None:
+    path = run / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    return f"{minutes // 60} h {minutes % 60} min"
+
+
+def trainable_counts(run: rd.RunDir) -> dict[str, int] | None:
+    """Values per group of the tensors that trained, from the adapter's shapes (no tensor is loaded)."""
+    path = run / rd.ADAPTER
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+        norms = set(json.loads(meta.get("norms", "[]")))
+        counts = {"LayerNorm": 0, "head": 0, "other": 0}
+        for name in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            size = 1
+            for dim in fh.get_slice(name).get_shape():
+                size *= dim
+            group = "LayerNorm" if name.rpartition(".")[0] in norms else "head" if name.startswith("head.") else "other"
+            counts[group] += size
+    return counts
+
+
+def event_times(run: rd.RunDir) -> tuple[int, float] | None:
+    """(epochs logged, seconds from the first to the last event) from events.jsonl."""
+    path = run / rd.EVENTS
+    if not path.is_file():
+        return None
+    events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not events:
+        return None
+    times = [e["time"] for e in events]
+    return sum(e["event"] == "epoch" for e in events), max(times) - min(times)
+
+
+def regime_text(fit: dict) -> str:
+    if fit.get("shots") is not None:
+        return f"{fit['shots']} shots per class"
+    if fit.get("fraction") is not None:
+        return f"{100 * fit['fraction']:g}% of the training split (stratified)"
+    return "all training data"
+
+
+def summary_section(run: rd.RunDir, config: dict, splits: dict | None) -> Section:
+    fit, env = config.get("fit", {}), config.get("environment", {})
+    parts = []
+    if not run.done:
+        parts.append(warning("This run has no DONE marker: it did not finish, and some sections may be missing."))
+    model = fit.get("model", "?") + (f" (weights {fit['weights']})" if fit.get("weights") else "")
+    if fit.get("model_kwargs"):
+        model += f" {fit['model_kwargs']}"
+    rows: list[tuple[str, object]] = [("model", model), ("training data", fit.get("train"))]
+    if splits:
+        sizes = ", ".join(f"{name} {len(s['indices'])}" for name, s in splits["splits"].items())
+        rows += [("classes", f"{len(splits['classes'])}: {', '.join(splits['classes'])}"), ("split sizes", sizes)]
+    tests = ", ".join(f"{k} = {v}" for k, v in (fit.get("test") or {}).items())
+    rows += [("test sets", tests or "none"), ("regime", regime_text(fit))]
+    method = fit.get("method", "?") + (f" ({fit['cycles']} cycles)" if fit.get("method") == "cyclic" else "")
+    rows.append(("method", f"{method}, {fit.get('head', 'linear')} head"))
+    if fit.get("lam") is not None:
+        rows.append(("lambda", f"{fit['lam']} on {fit.get('lambda_target', 'gamma')}"))
+    budget = f"{fit['steps']} steps" if fit.get("steps") is not None else f"{fit.get('epochs')} epochs"
+    rows.append(("schedule", f"{budget}, batch {fit.get('batch_size')}, lr {fit.get('lr')}, seed {fit.get('seed')}"))
+    counts = trainable_counts(run)
+    if counts is not None:
+        detail = ", ".join(f"{k} {v:,}" for k, v in counts.items() if v)
+        rows.append(("trainable parameters", f"{sum(counts.values()):,} ({detail}) in {rd.ADAPTER}"))
+    times = event_times(run)
+    if times is not None:
+        epochs, span = times
+        rows.append(("time", f"{duration(span)} from the first to the last of {epochs} logged epochs ({rd.EVENTS})"))
+    if run.done:
+        rows.append(("finished", (run / rd.DONE).read_text().strip()))
+    rows.append(("environment", ", ".join(f"{k} {env[k]}" for k in ("lnshift", "torch", "timm", "cuda") if env.get(k))))
+    parts.append(key_values(rows))
+    return Section("summary", "Run", "".join(parts))
+
+
+def metrics_section(metrics: dict | None) -> Section:
+    if metrics is None:
+        return Section("metrics", "Metrics", note(f"No {rd.METRICS}: the run did not reach its final evaluation."))
+    splits = [("validation", metrics["val"])] + [(f"test: {k}", v) for k, v in metrics.get("test", {}).items()]
+    columns = [c for c in METRIC_COLUMNS if any(c[0] in m for _, m in splits)]
+    rows = [[name, num(m.get("n"))] + [fmt(m.get(key)) for key, _, fmt in columns] for name, m in splits]
+    body = table(["split", "n"] + [header for _, header, _ in columns], rows, cls="metrics")
+    body += note("Scored with the model as saved (after lambda rescaling when a lambda was applied).")
+    return Section("metrics", "Metrics", body)
+
+
+def _shift_tables(layers: list[dict]) -> str:
+    rows = [
+        [layer["name"], num(layer["gamma_l2"]), num(layer["beta_l2"]), num(layer["gamma_rel"]), num(layer["beta_rel"])]
+        for layer in layers
+    ]
+    return table(["LayerNorm", "‖Δγ‖₂", "‖Δβ‖₂", "‖Δγ‖/‖γ₀‖", "‖Δβ‖/‖β₀‖"], rows)
+
+
+def shift_section(shift: dict | None, figs: Figures) -> Section:
+    if shift is None:
+        return Section("shift", "LayerNorm shift", note(f"No {rd.SHIFT}: no LayerNorm trained in this run."))
+    layers = shift["layers"]
+    parts = [
+        key_values(
+            [
+                ("shift_gamma (Σ‖Δγ‖₂)", num(shift["shift_gamma"], 4)),
+                ("shift_beta (Σ‖Δβ‖₂)", num(shift["shift_beta"], 4)),
+                ("shift_ln = shift_gamma + shift_beta", num(shift["shift_ln"], 4)),
+                ("LayerNorms", len(layers)),
+            ]
+        ),
+        note(f"Measured on {rd.ADAPTER} against {rd.BASE}: after lambda rescaling when one was applied."),
+    ]
+    grid = F.block_grid(layers)
+    if grid is not None:
+        caption = f"L2 shift of gamma and beta per block ({len(grid.rows)} blocks x {', '.join(grid.columns)})."
+        parts.append(figs.embed("shift_blocks", F.block_heatmap(grid, "‖Δ‖₂"), caption))
+        if grid.others:
+            parts.append("<h3>LayerNorms outside the blocks</h3>" + _shift_tables(grid.others))
+    names = [layer["name"] for layer in layers]
+    bars = F.layer_bars(names, [x["gamma_l2"] for x in layers], [x["beta_l2"] for x in layers], "L2 shift")
+    parts.append(figs.embed("shift_layers", bars, "L2 shift of every LayerNorm in model order."))
+    parts.append(f"<details><summary>All {len(layers)} LayerNorms</summary>{_shift_tables(layers)}</details>")
+    return Section("shift", "LayerNorm shift", "".join(parts))
+
+
+def lambda_section(choice: dict | None, figs: Figures) -> Section:
+    if choice is None:
+        return Section("lambda", "Lambda", note(f"No {rd.LAMBDA}: the run was not rescaled (fit with --lambda)."))
+    how = choice.get("selected_on", "?")
+    cost = choice.get("cost", {})
+    rows = [
+        ("chosen lambda", num(choice["lambda"], 4)),
+        ("selected on", how),
+        ("target", choice.get("target")),
+        ("criterion", choice.get("criterion")),
+        (
+            "cost of the curve",
+            f"{cost.get('seconds', '?')} s, {cost.get('batched_forward_passes', '?')} batched passes",
+        ),
+    ]
+    parts = [key_values(rows)]
+    if choice.get("curve"):
+        short = "validation" if how == "val" else how.split(" ")[0]
+        fig = F.lambda_curve(choice["curve"], choice["lambda"], short)
+        parts.append(figs.embed("lambda_curve", fig, "Validation accuracy against lambda; the chosen lambda in red."))
+    return Section("lambda", "Lambda", "".join(parts))
+
+
+def fsr_section(oracle: dict | None, estimate: dict | None, figs: Figures) -> Section:
+    if oracle is None and estimate is None:
+        text = (
+            f"No {rd.FSR} or {rd.FSR_ESTIMATE}: run `lnshift fsr RUN_DIR --reference REF_DIR` (oracle) or "
+            "`--estimate`, or fit with --lambda fsr."
+        )
+        return Section("fsr", "FSR", note(text))
+    parts = []
+    if oracle is not None:
+        rows = [(k, num(oracle[k], 4)) for k in ("fsr_gamma", "fsr_beta", "fsr_ln")]
+        rows += [(f"budget: {k}", v) for k, v in oracle.get("budget", {}).items()]
+        parts.append("<h3>Oracle FSR (against a reference run)</h3>" + key_values(rows))
+        parts += [warning(w) for w in oracle.get("warnings", [])]
+        grid = F.block_grid(oracle["layers"], "fsr_gamma", "fsr_beta")
+        if grid is not None:
+            caption = "Oracle FSR per block: this run's shift over the reference run's."
+            parts.append(figs.embed("fsr_blocks", F.block_heatmap(grid, "FSR"), caption))
+    if estimate is not None:
+        fit = estimate["gamma_fit"]
+        rows = [
+            ("FSR_est (gamma)", f"{num(estimate['fsr_est'], 4)} ± {num(estimate['fsr_std'], 3)}"),
+            ("FSR_est (beta)", num(estimate["fsr_beta_est"], 4)),
+            ("lambda = 1 / FSR_est (clipped)", num(estimate["lambda"], 4)),
+            ("fit", f"{fit['model']}, RMS residual {num(fit['residual'])}, trend {num(fit['trend'])}"),
+            ("runs", f"{len(estimate['points'])} at {estimate.get('steps_per_run', '?')} steps each"),
+        ]
+        parts.append("<h3>Estimated FSR (nested subsets of the training data)</h3>" + key_values(rows))
+        if estimate.get("warning"):
+            parts.append(warning(estimate["warning"]))
+        caption = "Summed gamma shift against the training-set size, and its extrapolation to n → ∞."
+        parts.append(figs.embed("fsr_estimate", F.fsr_fit(estimate["points"], fit), caption))
+    return Section("fsr", "FSR", "".join(parts))
+
+
+def cycles_section(cycles: dict | None, figs: Figures) -> Section:
+    if not cycles or not cycles.get("phases"):
+        return Section("cycles", "Phases", note(f"No {rd.CYCLES}: the run did not finish a phase."))
+    phases = cycles["phases"]
+    rows = []
+    for ph in phases:
+        kept = ph["history"][ph["best_epoch"] - 1] if ph["best_epoch"] >= 1 else {}
+        rows.append(
+            [
+                ph["phase"],
+                ph["strategy"],
+                num(ph["steps"]),
+                f"{ph['best_epoch']} of {len(ph['history'])}",
+                pct(kept.get("val_accuracy")),
+                num(ph.get("shift_gamma")),
+                num(ph.get("shift_beta")),
+                num(ph.get("lambda")),
+                pct(ph.get("val_after_lambda")),
+            ]
+        )
+    header = ["phase", "trains", "steps", "kept epoch", "val acc. %", "shift γ", "shift β", "λ", "val after λ %"]
+    caption = (
+        "Validation accuracy per epoch across phases (shading: blue head, orange LayerNorm); red stars mark the "
+        "epoch each phase kept, green diamonds the accuracy after a per-cycle lambda. Right: summed shift after "
+        "each phase, before any final lambda."
+    )
+    body = table(header, rows) + figs.embed("cycles", F.cycle_history(phases), caption)
+    return Section("cycles", "Phases", body)
+
+
+def run_sections(path: Path, figs: Figures) -> tuple[str, str, list[Section]]:
+    """Title, subtitle and sections of a run's report."""
+    run = rd.RunDir(path)
+    run.require(rd.CONFIG)
+    config = run.read_config()
+    fit = config.get("fit", {})
+    sections = [
+        summary_section(run, config, _json(run, rd.SPLITS)),
+        metrics_section(_json(run, rd.METRICS)),
+        shift_section(_json(run, rd.SHIFT), figs),
+        lambda_section(_json(run, rd.LAMBDA), figs),
+        cycles_section(_json(run, rd.CYCLES), figs),
+        fsr_section(_json(run, rd.FSR), _json(run, rd.FSR_ESTIMATE), figs),
+    ]
+    title = f"lnshift run: {fit.get('method', '?')} on {fit.get('model', '?')}"
+    return title, str(path.resolve()), sections

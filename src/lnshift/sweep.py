@@ -1,0 +1,470 @@
+"""`lnshift sweep FILE`: a benchmark protocol (datasets x methods x regimes x seeds) as one restartable job.
+
+Every cell is a run directory OUT/runs/<dataset>/<method>/<regime>/s<seed>. A `+auto` / `+fsr` method
+reuses the run of its base method (`ln+auto` rescales `ln`'s run), so rescaled variants cost no extra
+training; a base run and its rescaled variants form one *unit*, and a unit is never split across
+shards, so concurrent shards never write the same directory. Results are rebuilt from the run
+directories alone (`collect`), so shards on different machines only need a shared OUT.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import re
+import shutil
+import statistics
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import rundir as rd
+from .config import FitConfig, environment, load_yaml
+from .errors import ConfigError, RunDirError
+from .fit import RESUME_FREE, fit
+from .phases import METHODS
+from .saved_run import estimate_fsr_of_run, fsr_of_run, rescale_run, run_budget
+
+TOP_KEYS = ("out", "base", "datasets", "methods", "regimes", "seeds")
+# options each cell sets itself; a sweep file may not fix them in `base:` or a dataset
+SWEPT = ("method", "fraction", "shots", "seed", "out", "resume", "overwrite", "lam", "lambda", "subset", "subset_seed")
+RESCALES = ("auto", "fsr")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+IDENTITY = ("id", "dataset", "method", "regime", "fraction", "shots", "seed", "run")
+SWEEP_COPY = "sweep.yaml"
+
+
+@dataclass(frozen=True)
+class Regime:
+    """How much training data a cell gets: a stratified fraction or K shots per class."""
+
+    fraction: float | None = None
+    shots: int | None = None
+
+    @property
+    def label(self) -> str:
+        return f"f{self.fraction:g}" if self.fraction is not None else f"shots{self.shots}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    dataset: str
+    method: str  # as listed in the sweep, e.g. "ln+auto"
+    regime: Regime
+    seed: int
+
+    @property
+    def base_method(self) -> str:
+        return self.method.partition("+")[0]
+
+    @property
+    def rescale(self) -> str | None:
+        """'auto' or 'fsr' for a rescaled variant of the base method's run."""
+        return self.method.partition("+")[2] or None
+
+    @property
+    def id(self) -> str:
+        return f"{self.dataset}/{self.method}/{self.regime.label}/s{self.seed}"
+
+    @property
+    def unit(self) -> str:
+        """The id of the trained run this cell reads (its own for a plain method)."""
+        return f"{self.dataset}/{self.base_method}/{self.regime.label}/s{self.seed}"
+
+
+@dataclass
+class Sweep:
+    path: Path
+    text: str  # the file exactly as written, copied beside the results
+    raw: dict[str, Any]
+    out: Path
+    base: dict[str, Any]
+    datasets: dict[str, dict[str, Any]]
+    methods: list[str]
+    regimes: list[Regime]
+    seeds: list[int]
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.out / "runs" / run_id
+
+    def fit_config(self, cell: Cell) -> FitConfig:
+        """The FitConfig of the cell's trained run: defaults < base < dataset < the cell's own options."""
+        options = {"test": {}, "progress": False, **self.base, **self.datasets[cell.dataset]}
+        options.update(
+            method=cell.base_method,
+            fraction=cell.regime.fraction,
+            shots=cell.regime.shots,
+            seed=cell.seed,
+            out=str(self.run_dir(cell.unit)),
+        )
+        return FitConfig.from_dict(options, source=str(self.path))
+
+
+# ---------------------------------------------------------------- loading and validation
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and validate a sweep file; every error names the file and the key at fault."""
+    path = Path(path)
+    raw = load_yaml(path)
+    text = path.read_text()
+
+    def fail(key: str, message: str) -> ConfigError:
+        return ConfigError(f"{path}: {key}: {message}")
+
+    unknown = sorted(set(raw) - set(TOP_KEYS))
+    if unknown:
+        raise fail(unknown[0], f"unknown key; a sweep file has {list(TOP_KEYS)}")
+    missing = [k for k in TOP_KEYS if k not in raw]
+    if missing:
+        raise fail(missing[0], "required key is missing")
+    if not isinstance(raw["out"], str) or not raw["out"]:
+        raise fail("out", f"expected a directory name, got {raw['out']!r}")
+    base = _options(raw["base"] or {}, "base", fail)
+    try:
+        FitConfig.from_dict({"test": {}, **base}, source=str(path))
+    except ConfigError as e:
+        raise fail("base", str(e)) from None
+    if not isinstance(raw["datasets"], dict) or not raw["datasets"]:
+        raise fail("datasets", "expected a non-empty mapping of dataset name -> options")
+    datasets = {}
+    for name, opts in raw["datasets"].items():
+        key = f"datasets.{name}"
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise fail(key, "a dataset name must be letters, digits, '_', '.' or '-' (it names a folder)")
+        datasets[name] = _options(opts, key, fail)
+        if "train" not in datasets[name]:
+            raise fail(f"{key}.train", "required key is missing")
+        test = datasets[name].get("test", base.get("test", {}))
+        if not isinstance(test, dict) or not all(isinstance(v, str) for v in test.values()):
+            raise fail(f"{key}.test", f"expected a mapping of test-set name -> data spec, got {test!r}")
+    methods = _unique_list(raw["methods"], "methods", fail)
+    regimes = [_regime(r, f"regimes[{i}]", fail) for i, r in enumerate(_unique_list(raw["regimes"], "regimes", fail))]
+    if len({r.label for r in regimes}) < len(regimes):
+        raise fail("regimes", "two regimes are the same")
+    seeds = _unique_list(raw["seeds"], "seeds", fail)
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise fail("seeds", f"expected non-negative integers, got {seed!r}")
+    for method in methods:
+        base_method, plus, rescale = str(method).partition("+")
+        if base_method not in METHODS or (plus and rescale not in RESCALES):
+            raise fail(
+                "methods", f"unknown method {method!r}; choose from {list(METHODS)}, or LN ones with +auto / +fsr"
+            )
+    sweep = Sweep(path, text, raw, Path(raw["out"]), base, datasets, methods, regimes, seeds)
+    for name in datasets:  # FitConfig's own checks, once per dataset and method, before anything runs
+        for method in methods:
+            cell = Cell(name, method, regimes[0], seeds[0])
+            try:
+                cfg = sweep.fit_config(cell)
+            except ConfigError as e:
+                raise fail(f"datasets.{name}", str(e)) from None
+            try:
+                if cell.rescale:
+                    dataclasses.replace(cfg, lam=cell.rescale)
+            except ConfigError as e:
+                raise fail("methods", f"{method!r}: {e}") from None
+    return sweep
+
+
+def _options(opts: Any, key: str, fail: Callable[[str, str], ConfigError]) -> dict[str, Any]:
+    if not isinstance(opts, dict):
+        raise fail(key, f"expected a mapping of fit options, got {opts!r}")
+    known = {f.name for f in dataclasses.fields(FitConfig)}
+    for name in opts:
+        if name in SWEPT:
+            raise fail(f"{key}.{name}", "is set per cell by the sweep (methods, regimes, seeds, out)")
+        if name not in known:
+            raise fail(f"{key}.{name}", "not a fit option (see `lnshift fit --help`, with underscores)")
+    return dict(opts)
+
+
+def _unique_list(value: Any, key: str, fail: Callable[[str, str], ConfigError]) -> list:
+    if not isinstance(value, list) or not value:
+        raise fail(key, f"expected a non-empty list, got {value!r}")
+    seen = [json.dumps(v, sort_keys=True, default=str) for v in value]
+    if len(set(seen)) < len(seen):
+        raise fail(key, "lists the same entry twice")
+    return value
+
+
+def _regime(value: Any, key: str, fail: Callable[[str, str], ConfigError]) -> Regime:
+    if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in ("fraction", "shots"):
+        raise fail(key, f"expected {{fraction: F}} or {{shots: K}}, got {value!r}")
+    [(kind, amount)] = value.items()
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)):
+        raise fail(f"{key}.{kind}", f"expected a number, got {amount!r}")
+    if kind == "fraction":
+        if not 0 < amount <= 1:
+            raise fail(f"{key}.fraction", f"must be in (0, 1], got {amount}")
+        return Regime(fraction=float(amount))
+    if amount != int(amount) or amount < 1:
+        raise fail(f"{key}.shots", f"must be an integer >= 1, got {amount}")
+    return Regime(shots=int(amount))
+
+
+# ---------------------------------------------------------------- cells and shards
+
+
+def cells(sweep: Sweep) -> list[Cell]:
+    """Every cell, in file order: datasets x methods x regimes x seeds."""
+    return [Cell(d, m, r, s) for d in sweep.datasets for m in sweep.methods for r in sweep.regimes for s in sweep.seeds]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' (1 <= I <= N) -> (I, N): the form of `--shard $SLURM_ARRAY_TASK_ID/$N`."""
+    i, sep, n = text.partition("/")
+    try:
+        index, count = int(i), int(n)
+    except ValueError:
+        index = count = 0
+    if not sep or not 1 <= index <= count:
+        raise ConfigError(f"--shard expects I/N with 1 <= I <= N (e.g. 2/8), got {text!r}")
+    return index, count
+
+
+def shard_cells(all_cells: list[Cell], shard: tuple[int, int]) -> list[Cell]:
+    """The I-th of N disjoint slices: units (a trained run and its rescaled variants) sorted by id, every N-th."""
+    index, count = shard
+    if not 1 <= index <= count:
+        raise ConfigError(f"shard {index}/{count}: expected 1 <= I <= N")
+    units = sorted({c.unit for c in all_cells})
+    mine = set(units[index - 1 :: count])
+    return [c for c in all_cells if c.unit in mine]
+
+
+# ---------------------------------------------------------------- running
+
+
+def run_sweep(sweep: Sweep, shard: tuple[int, int] | None = None, echo: Callable[[str], None] = print) -> Path:
+    """Run every unfinished cell (of one shard), then, without a shard, collect the results; returns OUT.
+
+    A finished cell (DONE) is skipped, an interrupted training resumes from its checkpoint. A failing
+    unit does not stop the others; the failures are raised together at the end.
+    """
+    rd.write_text(sweep.out / SWEEP_COPY, sweep.text)
+    todo = cells(sweep) if shard is None else shard_cells(cells(sweep), shard)
+    units: dict[str, list[Cell]] = {}
+    for cell in todo:
+        units.setdefault(cell.unit, []).append(cell)
+    failed: dict[str, str] = {}
+    for k, (unit, members) in enumerate(units.items(), 1):
+        pending = [c for c in members if not rd.RunDir(sweep.run_dir(c.id)).done]
+        if not pending:
+            continue
+        start = time.time()
+        echo(f"[{k}/{len(units)}] {', '.join(c.id for c in pending)}")
+        try:
+            _run_unit(sweep, unit, members[0], pending, echo)
+        except Exception as e:  # one broken cell must not cost the rest of a long sweep
+            failed[unit] = f"{type(e).__name__}: {e}"
+            echo(traceback.format_exc())
+            continue
+        echo(f"[{k}/{len(units)}] {unit}: {time.time() - start:.1f} s")
+    if shard is None:
+        collect(sweep, echo)
+    else:
+        echo(f"shard {shard[0]}/{shard[1]} finished; when every shard has, run `lnshift sweep {sweep.path} --collect`")
+    if failed:
+        lines = "; ".join(f"{unit}: {msg}" for unit, msg in failed.items())
+        raise RunDirError(f"{len(failed)} of {len(units)} runs failed (rerun the sweep to retry them): {lines}")
+    return sweep.out
+
+
+def _run_unit(sweep: Sweep, unit: str, first: Cell, pending: list[Cell], echo: Callable[[str], None]) -> None:
+    """Train (or resume) the unit's run unless it is finished, then write each pending rescaled variant."""
+    cfg = sweep.fit_config(first)
+    trained = rd.RunDir(sweep.run_dir(unit))
+    if trained.done:
+        _check_config(trained, cfg)
+    else:
+        resume = trained.path.is_dir() and any(trained.path.iterdir())
+        if resume:
+            echo(f"  resuming {trained.path}")
+        fit(dataclasses.replace(cfg, resume=resume), echo=None)
+    for cell in pending:
+        if cell.rescale is None:
+            continue
+        if cell.rescale == "fsr" and not (trained / rd.FSR_ESTIMATE).exists():
+            estimate_fsr_of_run(trained.path, echo=None)
+        dest = sweep.run_dir(cell.id)
+        if dest.exists():  # an interrupted rescale: cheap to redo, and rescale_run never writes into a used folder
+            shutil.rmtree(dest)
+        rescale_run(trained.path, cell.rescale, target=cfg.lambda_target, out=dest, device=cfg.device)
+
+
+def _check_config(run: rd.RunDir, cfg: FitConfig) -> None:
+    """Refuse a finished run made with other options than the sweep now gives (a stale result)."""
+    saved = run.read_config().get("fit", {})
+    now = cfg.to_dict()
+    differ = sorted(k for k in now if k not in RESUME_FREE and k != "out" and saved.get(k) != now[k])
+    if differ:
+        raise RunDirError(
+            f"{run.path} was made with other options than the sweep file now gives ({differ}); "
+            "use a new `out:` or delete that run directory"
+        )
+
+
+# ---------------------------------------------------------------- results
+
+
+def collect(sweep: Sweep, echo: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Rebuild results.csv/json and summary.csv/json from the finished run directories (no training)."""
+    rows, missing, envs = [], [], {}
+    oracle: dict[str, tuple[float, float] | None] = {}
+    all_cells = cells(sweep)
+    for cell in all_cells:
+        run = rd.RunDir(sweep.run_dir(cell.id))
+        if not run.done:
+            missing.append(cell.id)
+            continue
+        trained = rd.RunDir(sweep.run_dir(cell.unit))
+        _check_config(trained, sweep.fit_config(cell))
+        env = trained.read_config().get("environment", {})
+        envs[json.dumps(env, sort_keys=True)] = env
+        if cell.unit not in oracle:
+            oracle[cell.unit] = _oracle_fsr(sweep, cell, trained)
+        rows.append(_row(cell, run, trained, oracle[cell.unit]))
+    groups = summarize(rows)
+    common = {"sweep_file": str(sweep.path), "sweep": sweep.raw, "seeds": sweep.seeds, "environment": environment()}
+    results = {
+        **common,
+        "run_environments": list(envs.values()),
+        "cells": len(all_cells),
+        "done": len(rows),
+        "missing": missing,
+        "rows": rows,
+    }
+    rd.write_json(sweep.out / "results.json", results)
+    rd.write_text(sweep.out / "results.csv", _csv(rows))
+    rd.write_json(sweep.out / "summary.json", {**common, "groups": groups})
+    keys = [k for k in _stat_keys(rows) if any(k in g["metrics"] for g in groups)]
+    rd.write_text(sweep.out / "summary.csv", _csv([_flat_group(g, keys) for g in groups]))
+    if echo:
+        echo(summary_table(groups))
+        echo(f"{len(rows)} of {len(all_cells)} cells finished; results in {sweep.out}")
+    return {"rows": rows, "summary": groups, "missing": missing}
+
+
+def _oracle_fsr(sweep: Sweep, cell: Cell, trained: rd.RunDir) -> tuple[float, float] | None:
+    """(gamma, beta) FSR against the same method and seed at fraction 1.0, when that reference is finished.
+
+    fsr.json of an earlier collect is reused while it names the same reference and is newer than it.
+    """
+    full = Regime(fraction=1.0)
+    if full not in sweep.regimes or not (trained / rd.SHIFT).exists():
+        return None
+    ref = rd.RunDir(sweep.run_dir(Cell(cell.dataset, cell.base_method, full, cell.seed).unit))
+    if not ref.done:
+        return None
+    cached = trained / rd.FSR
+    if cached.exists() and cached.stat().st_mtime >= (ref / rd.DONE).stat().st_mtime:
+        report = trained.read_json(rd.FSR)
+        if Path(report["budget"].get("reference", "")).resolve() == ref.path.resolve():
+            return report["fsr_gamma"], report["fsr_beta"]
+    report = fsr_of_run(trained.path, ref.path)
+    return report.fsr_gamma, report.fsr_beta
+
+
+def _row(cell: Cell, run: rd.RunDir, trained: rd.RunDir, oracle: tuple[float, float] | None) -> dict[str, Any]:
+    tunes_ln = (trained / rd.SHIFT).exists()
+    estimate = trained.read_json(rd.FSR_ESTIMATE) if (trained / rd.FSR_ESTIMATE).exists() else {}
+    row: dict[str, Any] = {
+        "id": cell.id,
+        "dataset": cell.dataset,
+        "method": cell.method,
+        "regime": cell.regime.label,
+        "fraction": cell.regime.fraction,
+        "shots": cell.regime.shots,
+        "seed": cell.seed,
+        "run": str(run.path),
+        "n_train": len(trained.read_json(rd.SPLITS)["splits"]["train"]["indices"]),
+        "steps": run_budget(trained)["steps"],
+        "lambda": run.read_json(rd.LAMBDA)["lambda"] if (run / rd.LAMBDA).exists() else (1.0 if tunes_ln else None),
+        "fsr_oracle": oracle[0] if oracle else None,
+        "fsr_oracle_beta": oracle[1] if oracle else None,
+        "fsr_est": estimate.get("fsr_est"),
+        "fsr_est_std": estimate.get("fsr_std"),
+    }
+    metrics = run.read_json(rd.METRICS)
+    splits = {"val": metrics["val"], **{f"test.{k}": v for k, v in metrics.get("test", {}).items()}}
+    for split, values in splits.items():
+        for name, value in values.items():
+            if name != "n" and _is_number(value):
+                row[f"{split}.{name}"] = value
+    return row
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean, sample std (None for one seed) and count per (dataset, method, regime); NaN and None are left out."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["dataset"], row["method"], row["regime"]), []).append(row)
+    keys, out = _stat_keys(rows), []
+    for (dataset, method, regime), members in groups.items():
+        stats = {}
+        for key in keys:
+            values = [r[key] for r in members if _is_number(r.get(key)) and not math.isnan(r[key])]
+            if values:
+                std = statistics.stdev(values) if len(values) > 1 else None
+                stats[key] = {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+        out.append(
+            {
+                "dataset": dataset,
+                "method": method,
+                "regime": regime,
+                "n": len(members),
+                "seeds": [r["seed"] for r in members],
+                "metrics": stats,
+            }
+        )
+    return out
+
+
+def _stat_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """The columns that are summarised, in row order (numbers first, then the metrics of each split)."""
+    return list(dict.fromkeys(k for r in rows for k in r if k not in IDENTITY))
+
+
+def _flat_group(group: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+    """One summary.csv line; every group has the same columns, blank where a metric does not apply."""
+    flat = {k: group[k] for k in ("dataset", "method", "regime", "n")}
+    for key in keys:
+        s = group["metrics"].get(key, {})
+        flat[f"{key}.mean"], flat[f"{key}.std"] = s.get("mean"), s.get("std")
+    return flat
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def summary_table(groups: list[dict[str, Any]]) -> str:
+    """Accuracy mean ± std over seeds, one line per (dataset, method, regime)."""
+    lines = []
+    for g in groups:
+        accs = [
+            f"{k.removesuffix('.accuracy').removeprefix('test.')} {s['mean']:.3f}"
+            + (f"±{s['std']:.3f}" if s["std"] is not None else "")
+            for k, s in g["metrics"].items()
+            if k.endswith(".accuracy")
+        ]
+        lam = g["metrics"].get("lambda")
+        extra = f"  lambda {lam['mean']:.2f}" if lam and g["method"].partition("+")[2] else ""
+        lines.append(f"{g['dataset']:<14} {g['method']:<12} {g['regime']:<8} n={g['n']}  " + "  ".join(accs) + extra)
+    return "\n".join(lines)
