@@ -55,6 +55,8 @@ def test_grayscale_and_rgba_images_are_converted(folder):
     Image.new("L", (20, 20), 128).save(folder / "train" / "cat" / "gray.png")
     Image.new("RGBA", (20, 20), (10, 20, 30, 0)).save(folder / "train" / "dog" / "alpha.png")
     assert fit(folder) == 0
+    log = (folder / "run" / rd.LOG).read_text()
+    assert "converted to RGB" in log and "from L" in log and "from RGBA" in log
 
 
 def test_shots_larger_than_a_class(folder, capsys):

@@ -251,6 +251,10 @@ def fit(cfg: FitConfig, echo: Callable[[str], None] | None = print) -> rd.RunDir
     if len(data.train) == 0:
         raise ConfigError("the training split is empty")
     preload(data)
+    for ds in {id(d.source): d for d in (data.train, data.val, *data.tests.values())}.values():
+        if ds.source.converted:
+            modes = ", ".join(f"{n} from {m}" for m, n in sorted(ds.source.converted.items()))
+            log.info(f"note: {ds.source.spec}: images converted to RGB ({modes})")
     for name, paths in data.splits["skipped_bad_images"].items():
         log.info(f"skipped {len(paths)} undecodable image(s) of {name}: {', '.join(paths[:10])}")
     for name, pairs in data.splits["duplicates_with_test"].items():

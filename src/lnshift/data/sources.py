@@ -144,6 +144,7 @@ class ImageSource:
         self.samples = samples
         self.classes = sorted({s.label for s in samples})
         self._storage = storage
+        self.converted: dict[str, int] = {}  # original PIL mode -> images converted to RGB
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -162,6 +163,8 @@ class ImageSource:
         data = self.read_bytes(i)
         try:
             with Image.open(io.BytesIO(data)) as img:
+                if img.mode != "RGB":  # reported by the pipeline: "converted N images from mode X"
+                    self.converted[img.mode] = self.converted.get(img.mode, 0) + 1
                 return _to_rgb(img)
         except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
             where = self._storage.locate(self.samples[i].path)
