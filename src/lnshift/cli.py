@@ -194,6 +194,25 @@ def cmd_fsr(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="sweep YAML: datasets x methods x regimes x seeds (see docs/sweep.md)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--shard", metavar="I/N", help="run only the I-th of N disjoint slices (e.g. a Slurm array task)")
+    how.add_argument("--collect", action="store_true", help="only rebuild the results tables from finished runs")
+
+
+@command("sweep", "run a benchmark grid, restartable, with one results table", _sweep_options)
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import collect, load_sweep, parse_shard, run_sweep
+
+    sweep = load_sweep(args.file)
+    if args.collect:
+        collect(sweep)
+    else:
+        run_sweep(sweep, shard=parse_shard(args.shard) if args.shard else None)
+    return 0
+
+
 def _toy_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the whole study")
     p.add_argument("--json", help="also write the full result to this JSON file")
