@@ -194,6 +194,14 @@ def cmd_fsr(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("report", "write one self-contained report.html (and PNG figures) for a run or sweep directory", _run_arg)
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import report_main
+
+    report_main(args.run)
+    return 0
+
+
 def _sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="sweep YAML: datasets x methods x regimes x seeds (see docs/sweep.md)")
     how = p.add_mutually_exclusive_group()

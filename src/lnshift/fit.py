@@ -240,6 +240,7 @@ def fit(cfg: FitConfig, echo: Callable[[str], None] | None = print) -> rd.RunDir
     if cfg.resume:
         check_resume(run, cfg)
     log = rd.EventLog(run, echo)
+    log.event("start", resume=cfg.resume)
     rd.write_yaml(run / rd.CONFIG, {"fit": cfg.to_dict(), "environment": environment(), "command": sys.argv})
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -336,6 +337,7 @@ def fit(cfg: FitConfig, echo: Callable[[str], None] | None = print) -> rd.RunDir
     rd.write_json(run / rd.METRICS, metrics)
     log.info("metrics: " + summarize(metrics))
     (run / rd.CHECKPOINT / "state.pt").unlink(missing_ok=True)
+    log.event("done")
     run.mark_done()
     return run
 

@@ -18,13 +18,14 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, NullLocator
 
 DPI = 150
 WIDTH = 8.0  # inches: 1200 px at DPI, shown at 800 CSS px so it stays sharp on high-density screens
 STRATEGY_COLOURS = {"head": "#dbe9f6", "ln": "#fde2c8", "layernorm": "#fde2c8"}  # phase backgrounds
 GAMMA, BETA = "#1f77b4", "#ff7f0e"
-BLOCK_NORM = re.compile(r"^(?P<stack>.*?)(?P<index>\d+)\.(?P<norm>.+)$")
+# `<stack>.<N>.<norm>`: N is the last all-digit component, and every component after it has a letter
+BLOCK_NORM = re.compile(r"^(?P<stack>(?:.*\.)?)(?P<index>\d+)\.(?P<norm>[^.]*[^\d.][^.]*(?:\.[^.]*[^\d.][^.]*)*)$")
 
 FONT = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8}
 
@@ -108,9 +109,8 @@ def block_heatmap(grid: BlockGrid, quantity: str) -> Figure:
     annotate = n_rows * n_cols <= 80
     for ax, values, label in ((axes[0], grid.gamma, "gamma"), (axes[1], grid.beta, "beta")):
         image = ax.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
-        ax.set_xticks(
-            range(n_cols), grid.columns, rotation=30 if n_cols > 3 else 0, ha="right" if n_cols > 3 else "center"
-        )
+        tilt = n_cols > 3
+        ax.set_xticks(range(n_cols), grid.columns, rotation=30 if tilt else 0, ha="right" if tilt else "center")
         ax.set_yticks(range(n_rows), grid.rows)
         ax.set_ylabel("block")
         ax.set_title(f"{quantity}: {label}")
@@ -164,7 +164,7 @@ def lambda_curve(curve: Sequence[dict], chosen: float, how: str) -> Figure:
         bal = [100 * p["balanced_accuracy"] for p in curve]
         ax.plot(lams, bal, "s--", color="#7f7f7f", markersize=3, linewidth=1, label="balanced accuracy")
     ax.axvline(1.0, color="#7f7f7f", linestyle=":", linewidth=1, label="lambda = 1 (as fine-tuned)")
-    ax.axvline(chosen, color="#d62728", linewidth=1.2, label=f"chosen lambda = {chosen:.3g} ({how})")
+    ax.axvline(chosen, color="#d62728", linewidth=1.2, label=f"chosen lambda = {chosen:.4g} ({how})")
     on_grid = [a for lam, a in zip(lams, acc, strict=True) if lam == chosen]
     if on_grid:
         ax.plot([chosen], on_grid[:1], "*", color="#d62728", markersize=14, zorder=5)
@@ -262,13 +262,15 @@ class Series:
 
 
 @styled
-def regime_panels(panels: Sequence[Sequence[tuple[str, str, list[Series]]]], xlabel: str, log_x: bool) -> Figure:
-    """A grid of panels (rows of (title, ylabel, series)); a series keeps its colour in every panel.
+def regime_panels(
+    panels: Sequence[Sequence[tuple[str, str, list[Series]]]], order: Sequence[str], xlabel: str, log_x: bool
+) -> Figure:
+    """A grid of panels (rows of (title, ylabel, series)); a series' colour is its label's place in `order`,
+    so a method has one colour in every panel and every figure of a report.
 
     Points are dodged a little along x so that the intervals of methods at the same regime stay apart.
     """
     n_rows, n_cols = len(panels), max(len(row) for row in panels)
-    order = list(dict.fromkeys(s.label for row in panels for _, _, series in row for s in series))
     fig = new_figure(0.6 + 2.6 * n_rows)
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
     handles: dict[str, object] = {}
@@ -279,11 +281,11 @@ def regime_panels(panels: Sequence[Sequence[tuple[str, str, list[Series]]]], xla
                 ax.set_visible(False)
                 continue
             title, ylabel, series = row[c]
-            xs = [v for s in series for v in s.x]
-            span = (max(xs) - min(xs) if xs else 0.0) or 1.0
+            ticks = sorted({v for s in series for v in s.x})
+            span = ticks[-1] - ticks[0]  # 0 for a single regime: nothing to dodge from
             for s in series:
                 k = order.index(s.label)
-                offset = (k - (len(order) - 1) / 2) * 0.012
+                offset = (k - (len(order) - 1) / 2) * 0.012 * (span > 0)
                 x = np.array(s.x) * 10**offset if log_x else np.array(s.x) + offset * span
                 mean = np.array(s.mean)
                 err = np.nan_to_num([mean - np.array(s.low), np.array(s.high) - mean])
@@ -292,6 +294,8 @@ def regime_panels(panels: Sequence[Sequence[tuple[str, str, list[Series]]]], xla
                 )
             if log_x:
                 ax.set_xscale("log")
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.xaxis.set_minor_locator(NullLocator())
             ax.set_title(title)
             ax.set_ylabel(ylabel)
             ax.set_xlabel(xlabel)

@@ -30,8 +30,8 @@ h3 { font-size: 15px; margin: 16px 0 6px; }
 nav { font-size: 13px; color: #555; } nav a { margin-right: 12px; color: #1f5fa8; text-decoration: none; }
 table { border-collapse: collapse; margin: 6px 0 12px; font-size: 13px; font-variant-numeric: tabular-nums; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; vertical-align: top; }
-th { background: #f4f6f8; } td:first-child, th:first-child { text-align: left; }
-table.kv td:first-child { color: #555; } table.kv td { text-align: left; }
+th { background: #f4f6f8; } .name { text-align: left; }
+table.kv td { text-align: left; } table.kv td:first-child { color: #555; }
 figure { margin: 10px 0 18px; } figure img { max-width: 100%; height: auto; display: block; }
 figcaption { font-size: 12.5px; color: #555; margin-top: 4px; }
 .note { color: #555; font-size: 13px; } .warn { background: #fff4d6; border: 1px solid #f0c36d; padding: 6px 10px; }
@@ -60,12 +60,18 @@ def pct(value: float | None, decimals: int = 2) -> str:
     return f"{100 * value:.{decimals}f}"
 
 
-def table(header: Sequence[str], rows: Iterable[Sequence[str]], cls: str = "") -> str:
-    """A table from already formatted cells (escaped here)."""
-    head = "".join(f"<th>{esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+def table(header: Sequence[str], rows: Iterable[Sequence[str]], cls: str = "", text_columns: int = 1) -> str:
+    """A table from already formatted cells (escaped here); the first `text_columns` are names, set flush left."""
+
+    def cells(row: Sequence[str], tag: str) -> str:
+        return "".join(
+            f'<{tag} class="name">{esc(c)}</{tag}>' if i < text_columns else f"<{tag}>{esc(c)}</{tag}>"
+            for i, c in enumerate(row)
+        )
+
+    body = "".join(f"<tr>{cells(row, 'td')}</tr>" for row in rows)
     attr = f' class="{cls}"' if cls else ""
-    return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<table{attr}><thead><tr>{cells(header, 'th')}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def key_values(pairs: Iterable[tuple[str, object]]) -> str:

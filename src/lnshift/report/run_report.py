@@ -8,6 +8,7 @@ run is still worth opening.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,9 @@ def trainable_counts(run: rd.RunDir) -> dict[str, int] | None:
         meta = fh.metadata() or {}
         norms = set(json.loads(meta.get("norms", "[]")))
         counts = {"LayerNorm": 0, "head": 0, "other": 0}
-        for name in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            size = 1
-            for dim in fh.get_slice(name).get_shape():
-                size *= dim
+        for name in fh.keys():  # noqa: SIM118 (safe_open is not iterable)
             group = "LayerNorm" if name.rpartition(".")[0] in norms else "head" if name.startswith("head.") else "other"
-            counts[group] += size
+            counts[group] += math.prod(fh.get_slice(name).get_shape())
     return counts
 
 
@@ -105,7 +103,7 @@ def summary_section(run: rd.RunDir, config: dict, splits: dict | None) -> Sectio
     times = event_times(run)
     if times is not None:
         epochs, span = times
-        rows.append(("time", f"{duration(span)} from the first to the last of {epochs} logged epochs ({rd.EVENTS})"))
+        rows.append(("time", f"{duration(span)} from the first to the last event of {rd.EVENTS} ({epochs} epochs)"))
     if run.done:
         rows.append(("finished", (run / rd.DONE).read_text().strip()))
     rows.append(("environment", ", ".join(f"{k} {env[k]}" for k in ("lnshift", "torch", "timm", "cuda") if env.get(k))))
@@ -177,7 +175,7 @@ def lambda_section(choice: dict | None, figs: Figures) -> Section:
     ]
     parts = [key_values(rows)]
     if choice.get("curve"):
-        short = "validation" if how == "val" else how.split(" ")[0]
+        short = {"val": "best on validation", "given": "given"}.get(how, "1 / FSR_est" if "FSR" in how else how)
         fig = F.lambda_curve(choice["curve"], choice["lambda"], short)
         parts.append(figs.embed("lambda_curve", fig, "Validation accuracy against lambda; the chosen lambda in red."))
     return Section("lambda", "Lambda", "".join(parts))
@@ -221,29 +219,30 @@ def cycles_section(cycles: dict | None, figs: Figures) -> Section:
     if not cycles or not cycles.get("phases"):
         return Section("cycles", "Phases", note(f"No {rd.CYCLES}: the run did not finish a phase."))
     phases = cycles["phases"]
+    per_cycle = any("lambda" in ph for ph in phases)  # --lambda-each-cycle: rescaled after each LayerNorm phase
     rows = []
     for ph in phases:
         kept = ph["history"][ph["best_epoch"] - 1] if ph["best_epoch"] >= 1 else {}
-        rows.append(
-            [
-                ph["phase"],
-                ph["strategy"],
-                num(ph["steps"]),
-                f"{ph['best_epoch']} of {len(ph['history'])}",
-                pct(kept.get("val_accuracy")),
-                num(ph.get("shift_gamma")),
-                num(ph.get("shift_beta")),
-                num(ph.get("lambda")),
-                pct(ph.get("val_after_lambda")),
-            ]
-        )
-    header = ["phase", "trains", "steps", "kept epoch", "val acc. %", "shift γ", "shift β", "λ", "val after λ %"]
+        row = [
+            ph["phase"],
+            ph["strategy"],
+            num(ph["steps"]),
+            f"{ph['best_epoch']} of {len(ph['history'])}",
+            pct(kept.get("val_accuracy")),
+            num(ph.get("shift_gamma")),
+            num(ph.get("shift_beta")),
+        ]
+        if per_cycle:
+            row += [num(ph.get("lambda")), pct(ph.get("val_after_lambda"))]
+        rows.append(row)
+    header = ["phase", "trains", "steps", "kept epoch", "val acc. %", "shift γ", "shift β"]
+    header += ["λ", "val after λ %"] if per_cycle else []
     caption = (
         "Validation accuracy per epoch across phases (shading: blue head, orange LayerNorm); red stars mark the "
-        "epoch each phase kept, green diamonds the accuracy after a per-cycle lambda. Right: summed shift after "
-        "each phase, before any final lambda."
+        f"epoch each phase kept{', green diamonds the accuracy after its lambda' if per_cycle else ''}. "
+        "Right: summed shift after each phase, before any final lambda."
     )
-    body = table(header, rows) + figs.embed("cycles", F.cycle_history(phases), caption)
+    body = table(header, rows, text_columns=2) + figs.embed("cycles", F.cycle_history(phases), caption)
     return Section("cycles", "Phases", body)
 
 

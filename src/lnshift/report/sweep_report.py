@@ -150,7 +150,7 @@ def results_section(sweep: Sweep) -> Section:
         f"{'ID is the test set holdout; OOD the mean over the other test sets. ' if 'ID' in views else ''}"
         "λ (the rescaling applied), FSR (oracle, against the fraction 1.0 run) and FSR_est are means."
     )
-    return Section("results", "Results", note(text) + table(header, rows, cls="results"))
+    return Section("results", "Results", note(text) + table(header, rows, cls="results", text_columns=3))
 
 
 def comparison_row(sweep: Sweep, method: str, against: str, view: str) -> list[str] | None:
@@ -189,7 +189,7 @@ def comparisons_section(sweep: Sweep) -> Section:
         "comparisons. W/T/L: pairs won, tied, lost."
     )
     header = ["test", "method", "against", "pairs", "mean diff (pp)", "95% CI (pp)", "W/T/L", "Wilcoxon p"]
-    body = note(text) + (table(header, rows, cls="comparisons") if rows else note("No matched pairs."))
+    body = note(text) + (table(header, rows, cls="comparisons", text_columns=3) if rows else note("No matched pairs."))
     return Section("comparisons", "Paired comparisons", body)
 
 
@@ -242,10 +242,10 @@ def figures_section(sweep: Sweep, figs: Figures) -> Section:
         parts.append(note(f"Regimes {', '.join(skipped)} are not on the {xlabel} axis; they are in the tables."))
     if rows := rows_of(accuracy):
         caption = f"Test accuracy against the {xlabel} ({' vs '.join(sweep.views)}); mean and 95% CI over seeds."
-        parts.append(figs.embed("sweep_accuracy", F.regime_panels(rows, xlabel, log_x), caption))
+        parts.append(figs.embed("sweep_accuracy", F.regime_panels(rows, sweep.methods, xlabel, log_x), caption))
     if rows := rows_of(shift):
         caption = f"Oracle and estimated FSR, and the lambda applied by rescaled methods, against the {xlabel}."
-        parts.append(figs.embed("sweep_fsr_lambda", F.regime_panels(rows, xlabel, log_x), caption))
+        parts.append(figs.embed("sweep_fsr_lambda", F.regime_panels(rows, sweep.methods, xlabel, log_x), caption))
     return Section("figures", f"Against the {xlabel}", "".join(parts))
 
 
