@@ -213,3 +213,16 @@ def test_fsr_oracle_between_runs(ln_run, tmp_path, capsys):
     assert fsr["fsr_gamma"] != pytest.approx(1.0)
     assert fsr["budget"]["run_steps"] == fsr["budget"]["reference_steps"] == 8 and not fsr["warnings"]
     assert "fsr" in capsys.readouterr().out
+
+
+def test_tensorboard_logs_losses_lr_and_validation(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert fit(tmp_path / "tb", "--method", "lp-ln", "--tensorboard") == 0
+    acc = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train_loss", "lr", "val_accuracy", "val_loss"} <= tags
+    steps = [e.step for e in acc.Scalars("train_loss")]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps) == 2  # one global step axis over both phases

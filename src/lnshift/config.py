@@ -95,6 +95,7 @@ class FitConfig:
     resume: bool = _opt(False, "continue an interrupted run in --out from its last checkpoint")
     overwrite: bool = _opt(False, "replace an existing run in --out")
     progress: bool = _opt(True, "show progress bars")
+    tensorboard: bool = _opt(False, "also log losses, learning rate and validation metrics to RUN_DIR/tensorboard")
 
     def __post_init__(self) -> None:
         self.validate()

@@ -44,7 +44,7 @@ from .shift import ShiftReport, layer_shift, rescale
 from .strategies import StrategyOptions, get_strategy, norm_module_names
 
 # options that may differ between an interrupted run and its --resume without changing the result
-RESUME_FREE = {"resume", "overwrite", "progress", "workers", "device", "eval_batch_size"}
+RESUME_FREE = {"resume", "overwrite", "progress", "workers", "device", "eval_batch_size", "tensorboard"}
 
 
 @dataclass
@@ -239,7 +239,7 @@ def fit(cfg: FitConfig, echo: Callable[[str], None] | None = print) -> rd.RunDir
     run.prepare(resume=cfg.resume, overwrite=cfg.overwrite)
     if cfg.resume:
         check_resume(run, cfg)
-    log = rd.EventLog(run, echo)
+    log = rd.EventLog(run, echo, tensorboard=cfg.tensorboard)
     log.event("start", resume=cfg.resume)
     rd.write_yaml(run / rd.CONFIG, {"fit": cfg.to_dict(), "environment": environment(), "command": sys.argv})
     seed_everything(cfg.seed)

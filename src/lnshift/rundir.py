@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from .errors import RunDirError
+from .errors import ConfigError, RunDirError
 
 CONFIG = "config.yaml"
 SPLITS = "splits.json"
@@ -149,17 +149,36 @@ class RunDir:
 
 
 class EventLog:
-    """Append-only `events.jsonl` (one JSON object a line) and a human-readable `train.log`."""
+    """Append-only `events.jsonl` (one JSON object a line), a human-readable `train.log`, and optionally
+    TensorBoard scalars (RUN_DIR/tensorboard/) of every numeric field of the epoch events."""
 
-    def __init__(self, run: RunDir, echo: Callable[[str], None] | None = None) -> None:
+    def __init__(self, run: RunDir, echo: Callable[[str], None] | None = None, tensorboard: bool = False) -> None:
         self.events = run / EVENTS
         self.text = run / LOG
         self.echo = echo
+        self.writer = None
+        self._phase: str | None = None
+        self._phase_start = self._global_step = 0
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
+            self.writer = SummaryWriter(log_dir=str(run / "tensorboard"))
 
     def event(self, kind: str, **data: Any) -> None:
         record = {"time": round(time.time(), 3), "event": kind, **data}
         with open(self.events, "a") as fh:
             fh.write(json.dumps(record, default=_json_default) + "\n")
+        if self.writer is not None and "step" in data:
+            phase = data.get("phase")
+            if phase != self._phase:  # phases count steps from 0; TensorBoard gets one global step
+                self._phase, self._phase_start = phase, self._global_step
+            self._global_step = self._phase_start + int(data["step"])
+            for key, value in data.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, self._global_step)
+            self.writer.flush()
 
     def info(self, message: str) -> None:
         with open(self.text, "a") as fh:
