@@ -113,6 +113,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo", help="folder for the demo's run directories (reused when rerun)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every run")
+    p.add_argument("--fast", action="store_true", help="a seconds-long smoke version on a random tiny model (tests)")
+
+
+@command(
+    "demo",
+    "LP, LN, cyclic and lambda variants on the bundled model and built-in PACS data (CPU, minutes)",
+    _demo_options,
+)
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, fast=args.fast, seed=args.seed)
+    return 0
+
+
 def _no_options(p: argparse.ArgumentParser) -> None:
     """A command without options."""
 

@@ -44,7 +44,7 @@ from .shift import ShiftReport, layer_shift, rescale
 from .strategies import StrategyOptions, get_strategy, norm_module_names
 
 # options that may differ between an interrupted run and its --resume without changing the result
-RESUME_FREE = {"resume", "overwrite", "progress", "workers", "device", "eval_batch_size", "tensorboard"}
+RESUME_FREE = {"out", "resume", "overwrite", "progress", "workers", "device", "eval_batch_size", "tensorboard"}
 
 
 @dataclass

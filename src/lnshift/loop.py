@@ -181,5 +181,6 @@ def run_phase(
         save_checkpoint(state)
     if state.best_tensors is not None:
         restore(model, state.best_tensors)
-    log.info(f"phase {plan.phase.name}: kept epoch {state.best_epoch} (selected on validation)")
+    how = "selected on validation" if cfg.select == "best" else "the last one, --select last"
+    log.info(f"phase {plan.phase.name}: kept epoch {state.best_epoch} ({how})")
     return state
