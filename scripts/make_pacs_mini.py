@@ -48,16 +48,10 @@ def main() -> None:
                         continue
                     start = taken[(dom, cls)]
                     for name in names[start : start + per_class]:
-                        img = (
-                            Image.open(io.BytesIO(src.read(name)))
-                            .convert("RGB")
-                            .resize((SIZE, SIZE), Image.LANCZOS)
-                        )
+                        img = Image.open(io.BytesIO(src.read(name))).convert("RGB").resize((SIZE, SIZE), Image.LANCZOS)
                         buf = io.BytesIO()
                         img.save(buf, format="JPEG", quality=90)
-                        info = zipfile.ZipInfo(
-                            f"pacs-mini/{split}/{cls}/{Path(name).name}", (2020, 1, 1, 0, 0, 0)
-                        )
+                        info = zipfile.ZipInfo(f"pacs-mini/{split}/{cls}/{Path(name).name}", (2020, 1, 1, 0, 0, 0))
                         dst.writestr(info, buf.getvalue())
                     taken[(dom, cls)] += per_class
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.2f} MB)")
