@@ -16,19 +16,8 @@ from lnshift.data.builtin import resolve_spec
 from lnshift.evaluate import predict
 from lnshift.fit import loader
 from lnshift.saved_run import load_run
+from tiny import TINY
 
-TINY = [
-    "--model",
-    "lnshift/test-vit",
-    "--model-kwargs",
-    "{img_size: 32, patch_size: 8}",
-    "--min-epoch-steps",
-    "1",
-    "--workers",
-    "0",
-    "--progress",
-    "false",
-]
 DATA = ["--shots", "4", "--test", "photo=builtin:pacs-mini/photo-test", "--test", "sketch=builtin:pacs-mini/sketch"]
 
 

@@ -9,9 +9,9 @@ from PIL import Image
 
 from lnshift import rundir as rd
 from lnshift.cli import main
+from tiny import TINY
 
-TINY = ["--model", "lnshift/test-vit", "--model-kwargs", "{img_size: 32, patch_size: 8}", "--min-epoch-steps", "1"]
-FAST = [*TINY, "--workers", "0", "--progress", "false", "--epochs", "1", "--batch-size", "4", "--val-fraction", "0.25"]
+FAST = [*TINY, "--epochs", "1", "--batch-size", "4", "--val-fraction", "0.25"]
 
 
 @pytest.fixture

@@ -25,21 +25,9 @@ from lnshift.report.figures import block_grid
 from lnshift.report.html import DISPLAY_SCALE
 from lnshift.report.stats import bootstrap_ci, mean_std, paired_compare
 from lnshift.saved_run import fsr_of_run
+from tiny import TINY as TINY_BASE
 
-TINY = [
-    "--model",
-    "lnshift/test-vit",
-    "--model-kwargs",
-    "{img_size: 32, patch_size: 8}",
-    "--min-epoch-steps",
-    "1",
-    "--workers",
-    "0",
-    "--progress",
-    "false",
-    "--shots",
-    "2",
-]
+TINY = [*TINY_BASE, "--shots", "2"]
 RUN_SECTIONS = ["summary", "metrics", "shift", "lambda", "cycles", "fsr"]
 SWEEP_SECTIONS = ["summary", "results", "comparisons", "figures"]
 CHROMIUM = next(

@@ -10,12 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from lnshift import rundir as rd
+from tiny import TINY
 
-ARGS = [
-    "--model", "lnshift/test-vit", "--model-kwargs", "{img_size: 32, patch_size: 8}", "--min-epoch-steps", "1",
-    "--workers", "0", "--progress", "false", "--shots", "6", "--batch-size", "6", "--epochs", "6",
-    "--method", "lp-ln", "--test", "sketch=builtin:pacs-mini/sketch",
-]  # fmt: skip
+ARGS = [*TINY, "--shots", "6", "--batch-size", "6", "--epochs", "6", "--method", "lp-ln"]
+ARGS += ["--test", "sketch=builtin:pacs-mini/sketch"]
 
 
 def lnshift(*argv: str) -> subprocess.Popen:
