@@ -37,7 +37,7 @@ from .errors import ConfigError, DataError, RunDirError
 from .evaluate import evaluate, resolve_device
 from .fsr_runs import estimate_fsr
 from .heads import Classifier, build_head
-from .lambdas import parse_grid, select_lambda
+from .lambdas import lambda_record, parse_grid, select_lambda
 from .loop import PhasePlan, PhaseState, restore, run_phase, seed_everything, snapshot
 from .phases import phases_for, split_budget
 from .shift import ShiftReport, layer_shift, rescale
@@ -333,7 +333,7 @@ def fit(cfg: FitConfig, echo: Callable[[str], None] | None = print) -> rd.RunDir
     if trained_norms:
         rd.write_json(run / rd.SHIFT, layer_shift(base, snapshot(model, names), trained_norms).to_dict())
     rd.write_json(run / rd.CYCLES, {"phases": done_phases})
-    metrics = evaluate_all(model, data, cfg, device)
+    metrics = evaluate_all(model, data.val, data.tests, len(data.classes), cfg, device)
     rd.write_json(run / rd.METRICS, metrics)
     log.info("metrics: " + summarize(metrics))
     (run / rd.CHECKPOINT / "state.pt").unlink(missing_ok=True)
@@ -360,23 +360,24 @@ def apply_lambda(
         batch_size=cfg.eval_batch_size,
         precision=cfg.precision,
     )
-    record = curve.to_dict()
-    if cfg.lam == "fsr":
-        record["lambda"] = rd.RunDir(cfg.out).read_json(rd.FSR_ESTIMATE)["lambda"]
-        record["selected_on"] = "training data (FSR estimate); the validation curve is recorded, not used"
-    elif cfg.lam != "auto":
-        record["lambda"] = float(cfg.lam)
-        record["selected_on"] = "given"
+    record = lambda_record(curve, cfg.lam, rd.RunDir(cfg.out))
     restore(model, rescale(base, tuned, norms, record["lambda"], cfg.lambda_target))
     return record
 
 
-def evaluate_all(model: nn.Module, data: Data, cfg: FitConfig, device: torch.device) -> dict[str, Any]:
-    n = len(data.classes)
-    ev = partial(evaluate, num_classes=n, device=device, precision=cfg.precision, progress=cfg.progress)
+def evaluate_all(
+    model: nn.Module,
+    val: ImageDataset,
+    tests: dict[str, ImageDataset],
+    num_classes: int,
+    cfg: FitConfig,
+    device: torch.device,
+) -> dict[str, Any]:
+    """metrics.json content: the validation split and every named test set."""
+    ev = partial(evaluate, num_classes=num_classes, device=device, precision=cfg.precision, progress=cfg.progress)
     return {
-        "val": ev(model, loader(data.val, cfg, train=False), desc="val"),
-        "test": {k: ev(model, loader(ds, cfg, train=False), desc=f"test:{k}") for k, ds in data.tests.items()},
+        "val": ev(model, loader(val, cfg, train=False), desc="val"),
+        "test": {k: ev(model, loader(ds, cfg, train=False), desc=f"test:{k}") for k, ds in tests.items()},
     }
 
 

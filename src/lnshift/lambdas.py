@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from .errors import ConfigError
 from .evaluate import autocast
 from .metrics import classification_metrics
+from .rundir import FSR_ESTIMATE, RunDir
 from .shift import rescale_batch
 
 DEFAULT_GRID = tuple(round(0.25 * i, 2) for i in range(13))  # 0, 0.25, ..., 3
@@ -152,6 +153,21 @@ def select_lambda(
     metrics = [classification_metrics(lk.numpy(), labels.numpy(), num_classes) for lk in logits]
     seconds = time.perf_counter() - start
     return LambdaCurve(list(grid), metrics, choose(grid, metrics), target, VALIDATION, seconds, passes)
+
+
+def lambda_record(curve: LambdaCurve, lam: str, run: RunDir) -> dict:
+    """lambda.json content: the validation curve always; lambda from it ('auto'), given, or from FSR_est ('fsr')."""
+    record = curve.to_dict()
+    if lam == "fsr":
+        record["lambda"] = run.read_json(FSR_ESTIMATE)["lambda"]
+        record["selected_on"] = "training data (FSR estimate); the validation curve is recorded, not used"
+    elif lam != "auto":
+        try:
+            record["lambda"] = float(lam)
+        except ValueError:
+            raise ConfigError(f"--lambda must be a number, 'auto' or 'fsr', got {lam!r}") from None
+        record["selected_on"] = "given"
+    return record
 
 
 def parse_grid(text: str) -> list[float]:

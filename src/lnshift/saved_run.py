@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +18,13 @@ from torch import nn
 from . import rundir as rd
 from .config import FitConfig
 from .data import ImageDataset, check_classes, make_transform
-from .errors import ConfigError, RunDirError
+from .errors import RunDirError
 from .evaluate import evaluate, resolve_device
-from .fit import build_model, load_configured_backbone, loader, open_spec
+from .fit import build_model, evaluate_all, load_configured_backbone, loader, open_spec
 from .fsr import FSRReport, oracle_fsr
 from .fsr_runs import estimate_fsr
 from .heads import Classifier, LinearHead
-from .lambdas import parse_grid, select_lambda
+from .lambdas import lambda_record, parse_grid, select_lambda
 from .loop import restore
 from .shift import ShiftReport, layer_shift, rescale
 
@@ -190,16 +190,7 @@ def rescale_run(
         target=target,
         precision=saved.cfg.precision,
     )
-    record = curve.to_dict()
-    if lam == "fsr":
-        record["lambda"] = saved.run.read_json(rd.FSR_ESTIMATE)["lambda"]
-        record["selected_on"] = "training data (FSR estimate); the validation curve is recorded, not used"
-    elif lam != "auto":
-        try:
-            record["lambda"] = float(lam)
-        except ValueError:
-            raise ConfigError(f"--lambda must be a number, 'auto' or 'fsr', got {lam!r}") from None
-        record["selected_on"] = "given"
+    record = lambda_record(curve, lam, saved.run)
     record["source_run"] = str(saved.run.path)
     adapter = {**finetuned, **rescale(saved.base, finetuned, norms, record["lambda"], target)}
     restore(model, adapter)
@@ -215,14 +206,8 @@ def rescale_run(
     rd.write_json(dest / rd.LAMBDA, record)
     rd.write_json(dest / rd.SHIFT, layer_shift(saved.base, adapter, norms).to_dict())
     cfg = saved.cfg
-    metrics = {
-        "val": evaluate(model, loader(datasets["val"], cfg, train=False), n_classes, dev, cfg.precision),
-        "test": {
-            name.removeprefix("test:"): evaluate(model, loader(ds, cfg, train=False), n_classes, dev, cfg.precision)
-            for name, ds in datasets.items()
-            if name.startswith("test:")
-        },
-    }
+    tests = {name.removeprefix("test:"): ds for name, ds in datasets.items() if name.startswith("test:")}
+    metrics = evaluate_all(model, datasets["val"], tests, n_classes, replace(cfg, progress=False), dev)
     rd.write_json(dest / rd.METRICS, metrics)
     dest.mark_done()
     return {"run": str(dest.path), "lambda": record["lambda"], "metrics": metrics, "curve": record["curve"]}
