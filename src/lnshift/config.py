@@ -89,7 +89,13 @@ class FitConfig:
     # runtime
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
     precision: str = _opt("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32")
-    workers: int = _opt(2, "data-loading worker processes")
+    workers: int = _opt(2, "data-loading worker processes (input pipeline 'workers')")
+    input_pipeline: str = _opt(
+        "auto",
+        "device (decoded images kept on the GPU, augmented there), workers (DataLoader processes, timm's PIL "
+        "transforms) or auto (device on a GPU when the images fit and --augment is not strong)",
+    )
+    compile: bool = _opt(False, "torch.compile the model for training (pays off on long GPU runs)")
     eval_batch_size: int = _opt(256, "batch size for evaluation")
     out: str = _opt("runs/latest", "run directory to write")
     resume: bool = _opt(False, "continue an interrupted run in --out from its last checkpoint")
@@ -113,6 +119,10 @@ class FitConfig:
             raise ConfigError(f"--shots must be >= 1, got {self.shots}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.input_pipeline not in ("auto", "device", "workers"):
+            raise ConfigError(f"--input-pipeline must be auto, device or workers, got {self.input_pipeline!r}")
+        if self.input_pipeline == "device" and self.augment == "strong":
+            raise ConfigError("--augment strong (RandAugment, random erasing) exists only in --input-pipeline workers")
         if self.select not in ("best", "last"):
             raise ConfigError(f"--select must be 'best' or 'last', got {self.select!r}")
         if self.precision not in ("auto", "bf16", "fp32"):

@@ -5,9 +5,10 @@ The run directory it writes (see rundir.py) is all that evaluation, shift, FSR, 
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -33,6 +34,7 @@ from .data import (
     subsample,
 )
 from .data.builtin import resolve_spec
+from .data.device import DeviceBatches, DeviceImages, estimated_bytes, to_device
 from .errors import ConfigError, DataError, RunDirError
 from .evaluate import evaluate, resolve_device
 from .fsr_runs import estimate_fsr
@@ -44,16 +46,26 @@ from .shift import ShiftReport, layer_shift, rescale
 from .strategies import StrategyOptions, get_strategy, norm_module_names
 
 # options that may differ between an interrupted run and its --resume without changing the result
-RESUME_FREE = {"out", "resume", "overwrite", "progress", "workers", "device", "eval_batch_size", "tensorboard"}
+RESUME_FREE = {
+    "out", "resume", "overwrite", "progress", "workers", "device", "eval_batch_size", "tensorboard", "compile"
+}  # fmt: skip
+# the device pipeline may hold at most this share of the GPU's free memory; beyond it `auto` uses workers
+DEVICE_DATA_SHARE = 0.5
+
+
+Images = ImageDataset | DeviceImages  # one split in the workers or the device input pipeline
 
 
 @dataclass
 class Data:
     classes: list[str]
-    train: ImageDataset
-    val: ImageDataset
-    tests: dict[str, ImageDataset]
+    train: Images
+    val: Images
+    tests: dict[str, Images]
     splits: dict[str, Any]
+
+    def named(self) -> dict[str, Images]:
+        return {"train": self.train, "val": self.val, **{f"test:{k}": v for k, v in self.tests.items()}}
 
 
 def strategy_options(cfg: FitConfig) -> StrategyOptions:
@@ -160,12 +172,34 @@ def load_configured_backbone(cfg: FitConfig) -> nn.Module:
     return load_backbone(cfg.model, cfg.weights, pretrained=cfg.pretrained, model_kwargs=cfg.model_kwargs)
 
 
-def preload(data: Data) -> None:
-    """Decode every image once; an undecodable one stops the run with the full list of bad files."""
-    splits = {"train": data.train, "val": data.val, **{f"test:{k}": v for k, v in data.tests.items()}}
-    for name, ds in splits.items():
+def input_pipeline(cfg: FitConfig, data: Data, device: torch.device, data_config: dict) -> str:
+    """Resolve --input-pipeline auto: the device pipeline on a GPU when the images fit, else workers."""
+    if cfg.input_pipeline != "auto":
+        return cfg.input_pipeline
+    if device.type != "cuda" or cfg.augment == "strong":
+        return "workers"
+    need = sum(
+        estimated_bytes(len(ds), data_config, crops=name == "train" and cfg.augment != "none")
+        for name, ds in data.named().items()
+    )
+    return "device" if need < DEVICE_DATA_SHARE * torch.cuda.mem_get_info(device)[0] else "workers"
+
+
+def load_images(data: Data, cfg: FitConfig, device: torch.device, data_config: dict, pipeline: str) -> Data:
+    """Decode every image once: into memory (workers) or as uint8 tensors on the device (device).
+
+    An undecodable image stops the run with the full list of bad files of its split.
+    """
+    threads = min(32, os.cpu_count() or 1)
+    loaded = {}
+    for name, ds in data.named().items():
         try:
-            ds.preload()
+            if pipeline == "workers":
+                ds.preload()
+                loaded[name] = ds
+            else:
+                crops = name == "train" and cfg.augment != "none"
+                loaded[name] = to_device(ds, data_config, device, crops=crops, threads=threads)
         except DataError as e:
             bad = ds.source.find_bad(ds.indices)
             listed = ", ".join(bad[:20]) + (f" and {len(bad) - 20} more" if len(bad) > 20 else "")
@@ -173,6 +207,8 @@ def preload(data: Data) -> None:
                 f"{len(bad)} image(s) of split {name} ({ds.source.spec}) cannot be decoded: {listed}. "
                 "Fix or remove them, or pass --skip-bad-images to skip them (they are listed in splits.json)"
             ) from e
+    tests = {k.removeprefix("test:"): v for k, v in loaded.items() if k.startswith("test:")}
+    return replace(data, train=loaded["train"], val=loaded["val"], tests=tests)
 
 
 def build_model(cfg: FitConfig, backbone: nn.Module, num_classes: int) -> Classifier:
@@ -202,7 +238,7 @@ def trained_names(plans: list[PhasePlan]) -> list[str]:
     return list(dict.fromkeys(n for p in plans for n in p.trainable))
 
 
-def epoch_samples(dataset: ImageDataset, cfg: FitConfig) -> int:
+def epoch_samples(dataset: Images, cfg: FitConfig) -> int:
     """An epoch is one pass over the training split, but at least --min-epoch-steps batches.
 
     Few-shot splits would otherwise validate, checkpoint and restart loaders after every step.
@@ -211,8 +247,12 @@ def epoch_samples(dataset: ImageDataset, cfg: FitConfig) -> int:
 
 
 def loader(
-    dataset: ImageDataset, cfg: FitConfig, *, train: bool, generator: torch.Generator | None = None
-) -> DataLoader:
+    dataset: Images, cfg: FitConfig, *, train: bool, generator: torch.Generator | None = None
+) -> DataLoader | DeviceBatches:
+    if isinstance(dataset, DeviceImages):
+        size = cfg.batch_size if train else cfg.eval_batch_size
+        samples = epoch_samples(dataset, cfg) if train else None
+        return DeviceBatches(dataset, size, train=train, num_samples=samples, generator=generator)
     sampler = None
     if train:  # repeated seeded permutations when an epoch is longer than the split
         sampler = RandomSampler(dataset, num_samples=epoch_samples(dataset, cfg), generator=generator)
@@ -251,11 +291,14 @@ def fit(cfg: FitConfig, echo: Callable[[str], None] | None = print) -> rd.RunDir
     rd.write_json(run / rd.SPLITS, data.splits)
     if len(data.train) == 0:
         raise ConfigError("the training split is empty")
-    preload(data)
-    for ds in {id(d.source): d for d in (data.train, data.val, *data.tests.values())}.values():
-        if ds.source.converted:
-            modes = ", ".join(f"{n} from {m}" for m, n in sorted(ds.source.converted.items()))
-            log.info(f"note: {ds.source.spec}: images converted to RGB ({modes})")
+    sources = {id(d.source): d.source for d in data.named().values()}.values()
+    pipeline = input_pipeline(cfg, data, device, backbone.data_config)
+    data = load_images(data, cfg, device, backbone.data_config, pipeline)
+    log.info(f"input pipeline: {pipeline}" + (" (decoded images on the device)" if pipeline == "device" else ""))
+    for source in sources:
+        if source.converted:
+            modes = ", ".join(f"{n} from {m}" for m, n in sorted(source.converted.items()))
+            log.info(f"note: {source.spec}: images converted to RGB ({modes})")
     for name, paths in data.splits["skipped_bad_images"].items():
         log.info(f"skipped {len(paths)} undecodable image(s) of {name}: {', '.join(paths[:10])}")
     for name, pairs in data.splits["duplicates_with_test"].items():
@@ -290,6 +333,7 @@ def fit(cfg: FitConfig, echo: Callable[[str], None] | None = print) -> rd.RunDir
         log.info(f"resuming after phase {len(done_phases)} epoch {resume_state.epoch if resume_state else 0}")
 
     trained_norms = [m for m in norms if f"{m}.weight" in names]
+    forward = torch.compile(model) if cfg.compile else model  # shares the parameters; evaluation stays eager
     validate = partial(evaluate, model, loader(data.val, cfg, train=False), len(data.classes), device, cfg.precision)
     for plan in plans[len(done_phases) :]:
 
@@ -306,6 +350,7 @@ def fit(cfg: FitConfig, echo: Callable[[str], None] | None = print) -> rd.RunDir
             log,
             save_checkpoint,
             resume_state,
+            forward,
         )
         resume_state = None
         record = {"phase": plan.phase.name, "strategy": plan.phase.strategy, "steps": plan.steps}
@@ -367,8 +412,8 @@ def apply_lambda(
 
 def evaluate_all(
     model: nn.Module,
-    val: ImageDataset,
-    tests: dict[str, ImageDataset],
+    val: Images,
+    tests: dict[str, Images],
     num_classes: int,
     cfg: FitConfig,
     device: torch.device,

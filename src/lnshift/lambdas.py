@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
+from .data.device import DeviceImages, eval_batches
 from .errors import ConfigError
 from .evaluate import autocast
 from .metrics import classification_metrics
@@ -102,7 +102,7 @@ def grid_logits(
     base: dict[str, torch.Tensor],
     tuned: dict[str, torch.Tensor],
     grid: Sequence[float],
-    loader: DataLoader,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
     precision: str = "auto",
     target: str = "gamma",
@@ -117,7 +117,7 @@ def grid_logits(
         for x, y in loader:
             x = x.to(device)
             logits.append(model(x.repeat(n, *([1] * (x.dim() - 1)))).float().view(n, x.shape[0], -1).cpu())
-            labels.append(y)
+            labels.append(y.cpu())
     model.train(was_training)
     return torch.cat(logits, dim=1), torch.cat(labels), len(labels)
 
@@ -133,7 +133,7 @@ def select_lambda(
     norms: Sequence[str],
     base: dict[str, torch.Tensor],
     tuned: dict[str, torch.Tensor],
-    val_dataset: torch.utils.data.Dataset,
+    val_dataset: torch.utils.data.Dataset | DeviceImages,
     num_classes: int,
     device: torch.device,
     *,
@@ -147,7 +147,7 @@ def select_lambda(
     if not grid:
         raise ConfigError("--lambda-grid is empty")
     per_pass = max(1, batch_size // len(grid))
-    loader = DataLoader(val_dataset, batch_size=per_pass, shuffle=False)
+    loader = eval_batches(val_dataset, per_pass)
     start = time.perf_counter()
     logits, labels, passes = grid_logits(model, norms, base, tuned, grid, loader, device, precision, target)
     metrics = [classification_metrics(lk.numpy(), labels.numpy(), num_classes) for lk in logits]

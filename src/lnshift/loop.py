@@ -101,6 +101,24 @@ def epoch_seed(seed: int, phase: int, epoch: int) -> int:
     return (seed * 1_000_003 + phase * 10_007 + epoch) % 2**31
 
 
+def train_step(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    device: torch.device,
+    precision: str,
+) -> torch.Tensor:
+    """One optimiser step; returns the loss, detached and left on the device (no host sync)."""
+    with autocast(device, precision):
+        loss = loss_fn(forward(x).float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 def run_phase(
     model: nn.Module,
     plan: PhasePlan,
@@ -111,8 +129,12 @@ def run_phase(
     log: EventLog,
     save_checkpoint: Callable[[PhaseState], None],
     state: PhaseState | None = None,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> PhaseState:
-    """Train one phase to its step budget; `state` continues an interrupted phase."""
+    """Train one phase to its step budget; `state` continues an interrupted phase.
+
+    `forward` replaces `model(x)` in training steps, e.g. a torch.compile'd model sharing its parameters.
+    """
     state = state or PhaseState()
     params = set_trainable(model, plan.trainable)
     optimizer = torch.optim.AdamW(param_groups(model, plan.trainable, cfg.weight_decay, cfg.decay_1d), lr=cfg.lr)
@@ -133,29 +155,31 @@ def run_phase(
         f"phase {plan.phase.name} ({plan.phase.strategy}): {plan.steps} steps, {n_train:,} trainable values, "
         f"decay on 1-D parameters: {'yes' if cfg.decay_1d else 'no'}"
     )
+    step_forward = model if forward is None else forward
     model.train()
     while state.step < plan.steps:
         generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, plan.index, state.epoch))
         seed_everything(epoch_seed(cfg.seed, plan.index, state.epoch))  # timm's crops draw from `random`
-        loss_sum, seen = 0.0, 0
+        first_step, losses, sizes = state.step, [], []
         desc = f"{plan.phase.name} epoch {state.epoch + 1}"
         for x, y in batches(train_loader(generator), device, desc, cfg.progress):
-            with autocast(device, cfg.precision):
-                loss = loss_fn(model(x).float(), y)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss is {loss.item()} at step {state.step + 1} of phase {plan.phase.name}; "
-                    "the last good checkpoint is kept (lower --lr or check the data)"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            losses.append(train_step(step_forward, x, y, optimizer, loss_fn, device, cfg.precision))
+            sizes.append(len(y))
             state.step += 1
             scheduler.step_update(state.step)
-            loss_sum += loss.item() * len(y)
-            seen += len(y)
             if state.step >= plan.steps:
                 break
+        # read the losses once per epoch: a host sync per step would stall the GPU's queue
+        epoch_losses = torch.stack(losses).cpu() if losses else torch.zeros(0)
+        bad = (~torch.isfinite(epoch_losses)).nonzero()
+        if len(bad):
+            k = int(bad[0])
+            raise NonFiniteLossError(
+                f"loss is {epoch_losses[k].item()} at step {first_step + k + 1} of phase {plan.phase.name}; "
+                "the last good checkpoint is kept (lower --lr or check the data)"
+            )
+        seen = sum(sizes)
+        loss_sum = float((epoch_losses.double() * torch.tensor(sizes, dtype=torch.float64)).sum())
         state.epoch += 1
         val = validate()
         record = {

@@ -1,0 +1,210 @@
+"""The device input pipeline: same inputs as timm's eval transform, torchvision's crop rule, exact sharding,
+and a training run that matches the workers pipeline when nothing random differs."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from lnshift import rundir as rd
+from lnshift.cli import main
+from lnshift.data import ImageDataset, make_transform, open_source
+from lnshift.data import device as dd
+from lnshift.data.builtin import resolve_spec
+from lnshift.distributed import shard_bounds
+from tiny import TINY
+
+CONFIG = {
+    "input_size": (3, 32, 32),
+    "mean": (0.5, 0.4, 0.3),
+    "std": (0.2, 0.25, 0.3),
+    "interpolation": "bicubic",
+    "crop_pct": 0.875,
+    "crop_mode": "center",
+}
+
+
+@pytest.fixture(scope="module")
+def photos():
+    source = open_source(resolve_spec("builtin:pacs-mini/photo"))
+    idx = list(range(0, len(source), 7))
+    class_to_idx = {c: i for i, c in enumerate(source.classes)}
+    ds = ImageDataset(source, idx, class_to_idx, make_transform(CONFIG, train=False))
+    ds.split = "val"
+    return ds
+
+
+def test_eval_images_are_bit_identical_to_timms_eval_transform(photos):
+    images = dd.to_device(photos, CONFIG, torch.device("cpu"), crops=False, threads=2)
+    assert images.split == "val" and images.images.dtype == torch.uint8
+    xs, ys = zip(*dd.DeviceBatches(images, 5, train=False), strict=True)
+    reference = torch.stack([photos[k][0] for k in range(len(photos))])
+    assert torch.equal(torch.cat(xs), reference)
+    assert torch.cat(ys).tolist() == photos.targets
+
+
+def test_decoded_images_are_cached_across_runs(photos, monkeypatch):
+    dd.CACHE.clear()
+    calls = {"n": 0}
+    real = photos.source.load
+
+    def counting(i):
+        calls["n"] += 1
+        return real(i)
+
+    monkeypatch.setattr(photos.source, "load", counting)
+    first = dd.to_device(photos, CONFIG, torch.device("cpu"), crops=True, threads=1)
+    assert calls["n"] == len(photos)
+    second = dd.to_device(photos, CONFIG, torch.device("cpu"), crops=True, threads=1)
+    assert calls["n"] == len(photos) and torch.equal(first.images, second.images)
+    assert first.images.shape[-1] == dd.TRAIN_SIDE_FACTOR * 32
+
+
+def test_cache_evicts_least_recent_beyond_its_budget():
+    cache = dd.TensorCache(max_bytes=250)
+    for k in range(3):
+        cache.put(("s", k), torch.zeros(100, dtype=torch.uint8))
+    assert cache.get(("s", 0)) is None and cache.get(("s", 2)) is not None
+
+
+def test_crop_boxes_follow_torchvisions_rule():
+    boxes = dd.crop_boxes(4000, 64, 48, torch.Generator().manual_seed(0))
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 48).all() and (boxes[:, 3] <= 64).all()
+    area = w * h / (64 * 48)
+    assert area.min() >= dd.TRAIN_SCALE[0] * 0.9 and area.max() <= 1.0
+    ratio = w / h
+    assert ratio.min() >= dd.TRAIN_RATIO[0] * 0.9 and ratio.max() <= dd.TRAIN_RATIO[1] * 1.1
+    assert area.std() > 0.1 and boxes[:, 0].float().std() > 1  # really random: sizes and positions vary
+
+
+def test_crop_boxes_fall_back_to_a_centred_crop_when_nothing_fits():
+    boxes = dd.crop_boxes(50, 1, 40, torch.Generator().manual_seed(0))  # a 1-pixel-high strip
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (h == 1).all() and (w == round(1 * dd.TRAIN_RATIO[1])).all()
+    assert (boxes[:, 0] == (40 - w) // 2).all()
+
+
+def test_augment_crops_resizes_and_flips():
+    gen = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=gen)
+    images = dd.DeviceImages(raw, torch.tensor([0, 1]), CONFIG, crops=True)
+    whole = torch.tensor([[0.0, 0, 64, 64], [0, 0, 64, 64]])
+    idx = torch.tensor([0, 1])
+    plain = dd.augment(images, idx, whole, torch.tensor([False, False]))
+    flipped = dd.augment(images, idx, whole, torch.tensor([True, False]))
+    assert plain.shape == (2, 3, 32, 32)
+    assert torch.equal(flipped[0], plain[0].flip(-1)) and torch.equal(flipped[1], plain[1])
+    # a whole-image box is a 2x downscale by area averaging
+    expected = images.normalize(F.avg_pool2d(raw.float(), 2).round().to(torch.uint8))
+    assert (plain - expected).abs().max() < 0.5 / 255 / min(CONFIG["std"]) + 1e-5
+    corner = dd.augment(images, idx[:1], torch.tensor([[0.0, 0, 32, 32]]), torch.tensor([False]))
+    assert torch.allclose(corner[0], images.normalize(raw[:1, :, :32, :32])[0], atol=1e-5)
+
+
+def test_training_batches_are_full_seeded_permutations_and_shard_exactly():
+    raw = torch.randint(0, 256, (10, 3, 64, 64), dtype=torch.uint8)
+    images = dd.DeviceImages(raw, torch.arange(10), CONFIG, crops=True)
+
+    def epoch(rank, world, seed=3):
+        gen = torch.Generator().manual_seed(seed)
+        batches = dd.DeviceBatches(images, 4, train=True, num_samples=23, generator=gen, rank=rank, world=world)
+        return list(batches), len(batches)
+
+    whole, n = epoch(0, 1)
+    assert n == len(whole) == math.ceil(23 / 4) and all(len(y) == 4 for _, y in whole)
+    labels = torch.cat([y for _, y in whole])
+    assert sorted(labels[:10].tolist()) == list(range(10))  # the first pass is a permutation
+    halves = [epoch(r, 2)[0] for r in range(2)]
+    for b, (x, y) in enumerate(whole):
+        assert torch.equal(torch.cat([halves[0][b][1], halves[1][b][1]]), y)
+        assert torch.allclose(torch.cat([halves[0][b][0], halves[1][b][0]]), x)
+    again, _ = epoch(0, 1)
+    other, _ = epoch(0, 1, seed=4)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(whole, again, strict=True))
+    assert not all(torch.equal(a[1], b[1]) for a, b in zip(whole, other, strict=True))
+
+
+@pytest.mark.parametrize("n,world", [(10, 3), (2, 4), (0, 2), (17, 1)])
+def test_evaluation_shards_cover_every_sample_once(n, world):
+    images = dd.DeviceImages(torch.zeros(n, 3, 32, 32, dtype=torch.uint8), torch.arange(n), CONFIG, crops=False)
+    seen = [
+        i
+        for r in range(world)
+        for _, y in dd.DeviceBatches(images, 3, train=False, rank=r, world=world)
+        for i in y.tolist()
+    ]
+    assert seen == list(range(n))
+    assert [shard_bounds(n, r, world)[1] - shard_bounds(n, r, world)[0] for r in range(world)] == [
+        len(range(n)[r::world]) for r in range(world)
+    ]
+
+
+# 4 shots x 7 classes = 28 images: batches of 4 are all full in both pipelines
+DATA = ["--shots", "4", "--test", "sketch=builtin:pacs-mini/sketch", "--batch-size", "4", "--steps", "10"]
+
+
+def test_device_pipeline_trains_like_the_workers_pipeline(tmp_path):
+    """With --augment none and full batches nothing random differs: same order, same inputs, same result."""
+    runs = {}
+    for pipeline in ("workers", "device"):
+        out = tmp_path / pipeline
+        args = ["fit", "--out", str(out), *TINY, *DATA, "--augment", "none", "--input-pipeline", pipeline]
+        assert main([*args, "--method", "cyclic", "--lambda", "auto"]) == 0
+        runs[pipeline] = out
+    a, b = (load_file(runs[p] / rd.ADAPTER) for p in ("workers", "device"))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    ma, mb = (json.loads((runs[p] / rd.METRICS).read_text()) for p in ("workers", "device"))
+    assert ma["test"]["sketch"]["accuracy"] == mb["test"]["sketch"]["accuracy"]
+    assert ma["val"]["n"] == mb["val"]["n"]
+    assert "input pipeline: device" in (runs["device"] / "train.log").read_text()
+
+
+def test_device_pipeline_with_crops_resumes_bit_identically(tmp_path, monkeypatch):
+    import lnshift.loop as loop
+
+    args = [*TINY, *DATA, "--input-pipeline", "device", "--method", "lp-ln"]
+    assert main(["fit", "--out", str(tmp_path / "whole"), *args]) == 0
+    calls = {"n": 0}
+    real = loop.run_phase
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr("lnshift.fit.run_phase", interrupted)
+    assert main(["fit", "--out", str(tmp_path / "cut"), *args]) == 130
+    monkeypatch.setattr("lnshift.fit.run_phase", real)
+    assert main(["fit", "--out", str(tmp_path / "cut"), *args, "--resume"]) == 0
+    a, b = load_file(tmp_path / "whole" / rd.ADAPTER), load_file(tmp_path / "cut" / rd.ADAPTER)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_strong_augment_is_refused_by_the_device_pipeline(capsys):
+    assert main(["fit", *TINY, "--input-pipeline", "device", "--augment", "strong"]) == 2
+    assert "--augment strong" in capsys.readouterr().err
+
+
+def test_fast_path_trains_the_same_layernorms_as_the_plain_path(tmp_path):
+    """Device pipeline + torch.compile (inductor) against workers + eager: the same trained tensors."""
+    runs = {}
+    for name, extra in {
+        "plain": ["--input-pipeline", "workers"],
+        "fast": ["--input-pipeline", "device", "--compile"],
+    }.items():
+        runs[name] = load_file(_fit(tmp_path / name, *extra, "--augment", "none", "--method", "ln") / rd.ADAPTER)
+    a, b = runs["plain"], runs["fast"]
+    moved = load_file(tmp_path / "plain" / rd.BASE)
+    assert max((a[k] - moved[k]).abs().max().item() for k in moved) > 1e-3  # training did change them
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def _fit(out, *extra):
+    assert main(["fit", "--out", str(out), *TINY, *DATA, *extra]) == 0
+    return out
