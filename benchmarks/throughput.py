@@ -1,0 +1,340 @@
+"""LayerNorm-tuning throughput of lnshift against the loop a user writes today, in one process.
+
+For each model, side by side on the same GPU (bf16 autocast, AdamW, the same batch size):
+- reference: peft `LNTuningConfig` on the timm model (LayerNorm names as one exact regex, the head in
+  `modules_to_save`), a torch DataLoader with worker processes decoding JPEGs through timm's train
+  transform, pinned memory;
+- plain: lnshift's loop step (a requires_grad mask over LayerNorms + head) fed by the device input
+  pipeline (decoded uint8 images on the GPU, random-resized crops and flips drawn there), eager;
+- compiled: the same with torch.compile;
+then forward-only evaluation (bf16, inference mode), eager and compiled. Every figure is measured in
+this run: img/s, achieved TFLOP/s (torch's FLOP counter on one real step), the share of the
+ceiling (--peak-tflops, 790 = dense bf16 matrix rate measured on this workplace's H200), peak
+memory, and the ratio against the reference. `plain` and `compiled` train from the same
+initial values on the same batches, so their LayerNorm values are compared at the end.
+
+    python benchmarks/throughput.py --out benchmarks/results/throughput_h200.json     # on a GPU
+    python benchmarks/throughput.py --smoke                                           # tiny, CPU, CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from lnshift.backbones import load_backbone
+from lnshift.config import environment
+from lnshift.data import ImageDataset, open_source
+from lnshift.data.device import DeviceBatches, DeviceImages, to_device
+from lnshift.evaluate import autocast
+from lnshift.heads import Classifier, build_head
+from lnshift.loop import param_groups, set_trainable, train_step
+from lnshift.strategies import StrategyOptions, get_strategy
+
+NUM_CLASSES = 100
+
+
+def write_jpegs(folder: Path, n: int, side: int, seed: int = 0) -> None:
+    """n smooth random RGB JPEGs (decode cost close to photos, unlike white noise) in 10 class folders."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        low = rng.integers(0, 256, (side // 16, side // 16, 3), dtype=np.uint8)
+        img = Image.fromarray(low).resize((side, side), Image.BICUBIC)
+        path = folder / f"c{i % 10}" / f"{i}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path, quality=90)
+
+
+def timed(step: Callable[[], object], warmup: int, steps: int, device: torch.device) -> float:
+    """Seconds per step after `warmup` untimed steps (compilation, loader start-up, allocator)."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
+
+
+def print_profile(step: Callable[[], object], device: torch.device, steps: int = 3) -> None:
+    """Where a step's device time goes: the costliest kernels of a few steps."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60), flush=True)
+
+
+def forever(loader: torch.utils.data.DataLoader) -> Iterator:
+    while True:
+        yield from loader
+
+
+# ---------------------------------------------------------------- the reference loop
+
+
+def reference(args: argparse.Namespace, name: str, folder: Path, device: torch.device) -> dict:
+    from peft import LNTuningConfig, get_peft_model
+    from torchvision.datasets import ImageFolder
+
+    model = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, **args.model_kwargs)
+    norms = [n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
+    regex = "^(" + "|".join(re.escape(n) for n in norms) + ")$"  # short names would also hit Identity norms
+    model = get_peft_model(model, LNTuningConfig(target_modules=regex, modules_to_save=["head"])).to(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    data_config = timm.data.resolve_data_config({}, model=model.base_model.model)
+    dataset = ImageFolder(str(folder), transform=timm.data.create_transform(**data_config, is_training=True))
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=args.workers > 0,
+        prefetch_factor=4 if args.workers > 0 else None,
+    )
+    batches = forever(loader)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        x, y = next(batches)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, args.precision):
+            loss = loss_fn(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    reset_memory(device)
+    seconds = timed(step, args.warmup, args.steps, device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"seconds_per_step": seconds, "peak_gib": peak_gib(device), "trainable": trainable}
+
+
+# ---------------------------------------------------------------- lnshift
+
+
+def lnshift_model(args: argparse.Namespace, name: str, device: torch.device) -> tuple[Classifier, list[str]]:
+    torch.manual_seed(0)
+    backbone = load_backbone(name, None, pretrained=False, model_kwargs=args.model_kwargs)
+    model = Classifier(backbone, build_head("linear", backbone.feature_dim, backbone.token_dim, NUM_CLASSES))
+    names = get_strategy("ln").select(model, StrategyOptions())
+    set_trainable(model, names)
+    return model.to(device), names
+
+
+def lnshift_train(
+    args: argparse.Namespace, name: str, images: DeviceImages, device: torch.device, compiled: bool
+) -> tuple[dict, dict[str, torch.Tensor], int]:
+    model, names = lnshift_model(args, name, device)
+    optimizer = torch.optim.AdamW(param_groups(model, names, 0.05, False), lr=1e-3)
+    forward = torch.compile(model) if compiled else model
+    loss_fn = nn.CrossEntropyLoss()
+    n = args.warmup + args.steps
+    batches = iter(
+        DeviceBatches(
+            images,
+            args.batch_size,
+            train=True,
+            num_samples=n * args.batch_size,
+            generator=torch.Generator().manual_seed(0),
+        )
+    )
+
+    def step() -> None:
+        x, y = next(batches)
+        train_step(forward, x, y, optimizer, loss_fn, device, args.precision)
+
+    reset_memory(device)
+    compile_start = time.perf_counter()
+    step()  # the first step compiles; timed separately
+    sync(device)
+    first = time.perf_counter() - compile_start
+    seconds = timed(step, args.warmup - 1, args.steps, device)
+    if compiled and args.profile:
+        print_profile(step, device)
+    params = dict(model.named_parameters())
+    tuned = {k: params[k].detach().float().cpu() for k in names}
+    return {"seconds_per_step": seconds, "peak_gib": peak_gib(device), "first_step_s": first}, tuned, len(names)
+
+
+def train_flops(args: argparse.Namespace, name: str, device: torch.device) -> int:
+    """FLOPs of one LN-tuning step (forward + backward) at the benchmark's batch, counted by torch."""
+    model, _ = lnshift_model(args, name, device)
+    x = torch.randn(args.batch_size, *args.input_size, device=device)
+    y = torch.zeros(args.batch_size, dtype=torch.long, device=device)
+    with FlopCounterMode(display=False) as counter:
+        with autocast(device, args.precision):
+            loss = nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+    return counter.get_total_flops()
+
+
+def eval_throughput(args: argparse.Namespace, name: str, device: torch.device, compiled: bool) -> dict:
+    model, _ = lnshift_model(args, name, device)
+    model.eval()
+    forward = torch.compile(model) if compiled else model
+    x = torch.randn(args.batch_size, *args.input_size, device=device)
+
+    @torch.inference_mode()
+    def step() -> None:
+        with autocast(device, args.precision):
+            forward(x)
+
+    reset_memory(device)
+    seconds = timed(step, args.warmup, args.steps, device)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode(), autocast(device, args.precision):
+        model(x)
+    return {"seconds_per_step": seconds, "peak_gib": peak_gib(device), "flops": counter.get_total_flops()}
+
+
+# ---------------------------------------------------------------- driver
+
+
+def bench_model(args: argparse.Namespace, name: str, folder: Path, device: torch.device) -> dict:
+    probe = load_backbone(name, None, pretrained=False, model_kwargs=args.model_kwargs)
+    data_config = probe.data_config
+    args.input_size = tuple(data_config["input_size"])
+    del probe
+    source = open_source(str(folder))
+    ds = ImageDataset(source, range(len(source)), {c: i for i, c in enumerate(source.classes)}, None)
+    start = time.perf_counter()
+    images = to_device(ds, data_config, device, crops=True, threads=min(32, os.cpu_count() or 1))
+    decode_s = time.perf_counter() - start
+    flops = train_flops(args, name, device)
+    rows: dict[str, dict] = {}
+    tuned: dict[str, dict] = {}
+    if "reference" in args.variants:
+        rows["reference"] = reference(args, name, folder, device)
+    for variant, compiled in (("plain", False), ("compiled", True)):
+        if variant in args.variants:
+            rows[variant], tuned[variant], _ = lnshift_train(args, name, images, device, compiled)
+    for variant, compiled in (("eval", False), ("eval-compiled", True)):
+        if variant in args.variants:
+            rows[variant] = eval_throughput(args, name, device, compiled)
+    for variant, row in rows.items():
+        per_image = row.get("flops", flops) / args.batch_size
+        row["img_per_s"] = args.batch_size / row["seconds_per_step"]
+        row["tflops"] = row["img_per_s"] * per_image / 1e12
+        row["ceiling_fraction"] = row["tflops"] / args.peak_tflops
+        if variant != "reference" and "reference" in rows and not variant.startswith("eval"):
+            row["vs_reference"] = row["img_per_s"] / rows["reference"]["img_per_s"]
+    result = {
+        "model": name,
+        "batch_size": args.batch_size,
+        "input_size": list(args.input_size),
+        "train_gflop_per_image": flops / args.batch_size / 1e9,
+        "ceiling_img_per_s": args.peak_tflops * 1e12 / (flops / args.batch_size),
+        "device_images": {"n": len(images), "bytes": images.nbytes, "decode_seconds": decode_s},
+        "variants": rows,
+    }
+    if "plain" in tuned and "compiled" in tuned:
+        a, b = tuned["plain"], tuned["compiled"]
+        result["compiled_vs_plain_max_abs_diff"] = max((a[k] - b[k]).abs().max().item() for k in a)
+        result["trained_tensors"] = len(a)
+    return result
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        f"{'model':<24} {'variant':<14} {'img/s':>9} {'TFLOP/s':>8} {'ceiling':>8} {'peak GiB':>9} {'x ref':>6}",
+    ]
+    for r in results:
+        for variant, row in r["variants"].items():
+            ratio = f"{row['vs_reference']:.2f}" if "vs_reference" in row else ""
+            lines.append(
+                f"{r['model']:<24} {variant:<14} {row['img_per_s']:>9.0f} {row['tflops']:>8.1f} "
+                f"{row['ceiling_fraction']:>8.1%} {row['peak_gib']:>9.2f} {ratio:>6}"
+            )
+        extra = f"ceiling {r['ceiling_img_per_s']:.0f} img/s at {r['train_gflop_per_image']:.1f} GFLOP/image"
+        if "compiled_vs_plain_max_abs_diff" in r:
+            extra += (
+                f"; compiled vs plain LayerNorms after training: max |diff| {r['compiled_vs_plain_max_abs_diff']:.2e}"
+            )
+        lines.append(f"{'':<24} {extra}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="vit_base_patch16_224,vit_large_patch16_224")
+    parser.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON, e.g. '{\"img_size\": 32}'")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=8, help="untimed steps first (compilation, loader start)")
+    parser.add_argument("--workers", type=int, default=14, help="DataLoader workers of the reference loop")
+    parser.add_argument("--images", type=int, default=2048, help="synthetic JPEGs (256 px) written for both loops")
+    parser.add_argument("--variants", default="reference,plain,compiled,eval,eval-compiled")
+    parser.add_argument("--peak-tflops", type=float, default=790.0, help="dense bf16 ceiling of the GPU")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--profile", action="store_true", help="print the costliest kernels of the compiled step")
+    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, a few steps, no compilation")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.models, args.model_kwargs, args.batch_size = "test_vit", {"img_size": 32}, 8
+        args.steps, args.warmup, args.workers, args.images = 2, 2, 2, 32
+        args.variants, args.device = "reference,plain,eval", "cpu"
+    args.variants = set(args.variants.split(","))
+    device = torch.device(args.device)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        write_jpegs(Path(tmp), args.images, 256)
+        for name in args.models.split(","):
+            results.append(bench_model(args, name, Path(tmp), device))
+            print(table(results[-1:]), flush=True)
+    report = {
+        "command": " ".join([sys.executable, *sys.argv]),
+        "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpu_cores": os.cpu_count(),
+        "environment": environment(),
+        "settings": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items() if k != "out"},
+        "results": results,
+    }
+    print("\n" + table(results))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
