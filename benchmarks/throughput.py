@@ -20,6 +20,7 @@ initial values on the same batches, so their LayerNorm values are compared at th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -48,6 +49,7 @@ from lnshift.loop import param_groups, set_trainable, train_step
 from lnshift.strategies import StrategyOptions, get_strategy
 
 NUM_CLASSES = 100
+PROFILED_STEPS = 3
 
 
 def write_jpegs(folder: Path, n: int, side: int, seed: int = 0) -> None:
@@ -88,7 +90,7 @@ def peak_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
 
 
-def print_profile(step: Callable[[], object], device: torch.device, steps: int = 3) -> None:
+def print_profile(step: Callable[[], object], device: torch.device, steps: int = PROFILED_STEPS) -> None:
     """Where a step's device time goes: the costliest kernels of a few steps."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -99,6 +101,14 @@ def print_profile(step: Callable[[], object], device: torch.device, steps: int =
         sync(device)
     key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60), flush=True)
+
+
+def cudnn_attention() -> contextlib.AbstractContextManager:
+    """Prefer cuDNN's fused attention (Hopper kernels) over FlashAttention-2 in SDPA."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
 
 
 def forever(loader: torch.utils.data.DataLoader) -> Iterator:
@@ -167,7 +177,7 @@ def lnshift_train(
     optimizer = torch.optim.AdamW(param_groups(model, names, 0.05, False), lr=1e-3)
     forward = torch.compile(model) if compiled else model
     loss_fn = nn.CrossEntropyLoss()
-    n = args.warmup + args.steps
+    n = args.warmup + args.steps + PROFILED_STEPS
     batches = iter(
         DeviceBatches(
             images,
@@ -243,9 +253,10 @@ def bench_model(args: argparse.Namespace, name: str, folder: Path, device: torch
     tuned: dict[str, dict] = {}
     if "reference" in args.variants:
         rows["reference"] = reference(args, name, folder, device)
-    for variant, compiled in (("plain", False), ("compiled", True)):
+    for variant, compiled in (("plain", False), ("compiled", True), ("compiled-cudnn", True)):
         if variant in args.variants:
-            rows[variant], tuned[variant], _ = lnshift_train(args, name, images, device, compiled)
+            with cudnn_attention() if variant.endswith("cudnn") else contextlib.nullcontext():
+                rows[variant], tuned[variant], _ = lnshift_train(args, name, images, device, compiled)
     for variant, compiled in (("eval", False), ("eval-compiled", True)):
         if variant in args.variants:
             rows[variant] = eval_throughput(args, name, device, compiled)

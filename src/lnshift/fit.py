@@ -5,7 +5,6 @@ The run directory it writes (see rundir.py) is all that evaluation, shift, FSR, 
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -190,7 +189,6 @@ def load_images(data: Data, cfg: FitConfig, device: torch.device, data_config: d
 
     An undecodable image stops the run with the full list of bad files of its split.
     """
-    threads = min(32, os.cpu_count() or 1)
     loaded = {}
     for name, ds in data.named().items():
         try:
@@ -199,7 +197,7 @@ def load_images(data: Data, cfg: FitConfig, device: torch.device, data_config: d
                 loaded[name] = ds
             else:
                 crops = name == "train" and cfg.augment != "none"
-                loaded[name] = to_device(ds, data_config, device, crops=crops, threads=threads)
+                loaded[name] = to_device(ds, data_config, device, crops=crops)
         except DataError as e:
             bad = ds.source.find_bad(ds.indices)
             listed = ", ".join(bad[:20]) + (f" and {len(bad) - 20} more" if len(bad) > 20 else "")

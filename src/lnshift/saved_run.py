@@ -18,9 +18,10 @@ from torch import nn
 from . import rundir as rd
 from .config import FitConfig
 from .data import ImageDataset, check_classes, make_transform
+from .data.device import to_device
 from .errors import RunDirError
 from .evaluate import evaluate, resolve_device
-from .fit import build_model, evaluate_all, load_configured_backbone, loader, open_spec
+from .fit import Images, build_model, evaluate_all, load_configured_backbone, loader, open_spec
 from .fsr import FSRReport, oracle_fsr
 from .fsr_runs import estimate_fsr
 from .heads import Classifier, LinearHead
@@ -119,15 +120,22 @@ def merge_run(path: str | Path, out: str | Path) -> Path:
     return Path(out)
 
 
-def split_datasets(saved: SavedRun) -> dict[str, ImageDataset]:
-    """Evaluation datasets of every split in splits.json, tagged with their split name."""
+def split_datasets(saved: SavedRun) -> dict[str, Images]:
+    """Evaluation datasets of every split in splits.json, tagged with their split name.
+
+    On the device pipeline when the run would use it on this device (images cached once per process).
+    """
     splits = saved.run.read_json(rd.SPLITS)
-    transform = make_transform(saved.model.backbone.data_config, train=False)
-    out = {}
+    data_config = saved.model.backbone.data_config
+    transform = make_transform(data_config, train=False)
+    device = next(saved.model.parameters()).device
+    pipeline = saved.cfg.input_pipeline
+    on_device = pipeline == "device" or (pipeline == "auto" and device.type == "cuda")
+    out: dict[str, Images] = {}
     for name, split in splits["splits"].items():
         ds = ImageDataset(open_spec(split["source"], saved.cfg), split["indices"], splits["class_to_idx"], transform)
         ds.split = name
-        out[name] = ds
+        out[name] = to_device(ds, data_config, device, crops=False) if on_device else ds
     return out
 
 

@@ -18,6 +18,7 @@ the global batch and keeps its contiguous slice, so W processes see what one pro
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -149,12 +150,17 @@ def preprocessed_images(
     return torch.stack(images)
 
 
+def decode_threads() -> int:
+    """Threads that decode images for the device pipeline (PIL releases the GIL while decoding)."""
+    return min(32, os.cpu_count() or 1)
+
+
 def to_device(
-    dataset: ImageDataset, data_config: dict, device: torch.device, *, crops: bool, threads: int = 8
+    dataset: ImageDataset, data_config: dict, device: torch.device, *, crops: bool, threads: int | None = None
 ) -> DeviceImages:
     """The device version of an ImageDataset (its `split` tag travels along)."""
     preprocess = train_preprocess(data_config) if crops else eval_preprocess(data_config)
-    images = preprocessed_images(dataset, preprocess, repr(preprocess), threads)
+    images = preprocessed_images(dataset, preprocess, repr(preprocess), threads or decode_threads())
     targets = torch.tensor(dataset.targets, dtype=torch.long)
     return DeviceImages(
         images.to(device), targets.to(device), data_config, crops=crops, split=getattr(dataset, "split", None)
