@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,17 +65,42 @@ def set_trainable(model: nn.Module, names: list[str]) -> list[nn.Parameter]:
     return [params[n] for n in names]
 
 
-def param_groups(model: nn.Module, names: list[str], weight_decay: float, decay_1d: bool) -> list[dict]:
-    """Weight decay on matrices only unless `decay_1d`: LayerNorm gains and biases are not pulled to 0."""
-    params = dict(model.named_parameters())
-    decay = [params[n] for n in names if decay_1d or params[n].ndim > 1]
-    no_decay = [params[n] for n in names if not (decay_1d or params[n].ndim > 1)]
+def param_groups(
+    model: nn.Module | Mapping[str, nn.Parameter],
+    names: list[str],
+    weight_decay: float,
+    decay_1d: bool,
+    run_axis: bool = False,
+) -> list[dict]:
+    """Weight decay on matrices only unless `decay_1d`: LayerNorm gains and biases are not pulled to 0.
+
+    `model` may be a mapping of named parameters; `run_axis`: their first dimension stacks independent
+    runs (multirun.py) and does not make a gain a matrix.
+    """
+    params = model if isinstance(model, Mapping) else dict(model.named_parameters())
+    is_decayed = {n: decay_1d or params[n].ndim - run_axis > 1 for n in names}
+    decay = [params[n] for n in names if is_decayed[n]]
+    no_decay = [params[n] for n in names if not is_decayed[n]]
     groups = []
     if decay:
         groups.append({"params": decay, "weight_decay": weight_decay})
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int, cfg: FitConfig, step: int = 0) -> CosineLRScheduler:
+    """Linear warm-up over `cfg.warmup` of the phase's steps, then cosine to 1 % of the peak; set to `step`."""
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=steps,
+        warmup_t=int(cfg.warmup * steps),
+        warmup_lr_init=cfg.lr * 0.01,
+        lr_min=cfg.lr * 0.01,
+        t_in_epochs=False,
+    )
+    scheduler.step_update(step)
+    return scheduler
 
 
 def snapshot(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
@@ -101,6 +126,27 @@ def epoch_seed(seed: int, phase: int, epoch: int) -> int:
     return (seed * 1_000_003 + phase * 10_007 + epoch) % 2**31
 
 
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+    precision: str,
+    where: str,
+) -> torch.Tensor:
+    """One optimiser step on `loss_fn(logits, y)`; a non-finite loss stops before the update (`where` says where)."""
+    with autocast(device, precision):
+        loss = loss_fn(model(x).float(), y)
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(f"loss is {loss.item()} at {where} (lower --lr or check the data)")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 def run_phase(
     model: nn.Module,
     plan: PhasePlan,
@@ -118,15 +164,7 @@ def run_phase(
     optimizer = torch.optim.AdamW(param_groups(model, plan.trainable, cfg.weight_decay, cfg.decay_1d), lr=cfg.lr)
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
-    scheduler = CosineLRScheduler(
-        optimizer,
-        t_initial=plan.steps,
-        warmup_t=int(cfg.warmup * plan.steps),
-        warmup_lr_init=cfg.lr * 0.01,
-        lr_min=cfg.lr * 0.01,
-        t_in_epochs=False,
-    )
-    scheduler.step_update(state.step)
+    scheduler = cosine_schedule(optimizer, plan.steps, cfg, state.step)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     n_train = sum(p.numel() for p in params)
     log.info(
@@ -140,16 +178,8 @@ def run_phase(
         loss_sum, seen = 0.0, 0
         desc = f"{plan.phase.name} epoch {state.epoch + 1}"
         for x, y in batches(train_loader(generator), device, desc, cfg.progress):
-            with autocast(device, cfg.precision):
-                loss = loss_fn(model(x).float(), y)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss is {loss.item()} at step {state.step + 1} of phase {plan.phase.name}; "
-                    "the last good checkpoint is kept (lower --lr or check the data)"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            where = f"step {state.step + 1} of phase {plan.phase.name}; the last good checkpoint is kept"
+            loss = train_step(model, optimizer, loss_fn, x, y, device, cfg.precision, where)
             state.step += 1
             scheduler.step_update(state.step)
             loss_sum += loss.item() * len(y)
