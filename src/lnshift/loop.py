@@ -136,9 +136,13 @@ def train_step(
     precision: str,
     where: str,
 ) -> torch.Tensor:
-    """One optimiser step on `loss_fn(logits, y)`; a non-finite loss stops before the update (`where` says where)."""
+    """One optimiser step on `loss_fn(logits, y)`; a non-finite loss stops before the update (`where` says where).
+
+    The loss is computed in float32 at least: bf16 logits are upcast, float64 ones are kept.
+    """
     with autocast(device, precision):
-        loss = loss_fn(model(x).float(), y)
+        logits = model(x)
+        loss = loss_fn(logits.to(torch.promote_types(logits.dtype, torch.float32)), y)
     if not torch.isfinite(loss):
         raise NonFiniteLossError(f"loss is {loss.item()} at {where} (lower --lr or check the data)")
     optimizer.zero_grad(set_to_none=True)
