@@ -100,6 +100,14 @@ def stacked_runs(model: Classifier, stacks: Mapping[str, Tensor], n_runs: int) -
         model.head = head
 
 
+def concat(pairs: Sequence[tuple[Tensor, Tensor]], n_runs: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The runs' batches as one: run r's images become block r."""
+    if len(pairs) != n_runs or len({len(y) for _, y in pairs}) != 1:
+        raise ConfigError(f"batch(step) must give {n_runs} (x, y) pairs of one batch size")
+    x = torch.cat([x for x, _ in pairs]).to(device, non_blocking=True)
+    return x, torch.cat([y for _, y in pairs]).to(device, non_blocking=True)
+
+
 def train_runs(
     model: Classifier, starts: Sequence[Mapping[str, Tensor]], batch: Batches, cfg: FitConfig, device: torch.device
 ) -> list[dict[str, Tensor]]:
@@ -134,14 +142,6 @@ def train_runs(
                 step += 1
                 scheduler.step_update(i + 1)
     return [{k: t[r].detach().clone() for k, t in stacks.items()} for r in range(n)]
-
-
-def concat(pairs: Sequence[tuple[Tensor, Tensor]], n_runs: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The runs' batches as one: run r's images become block r."""
-    if len(pairs) != n_runs or len({len(y) for _, y in pairs}) != 1:
-        raise ConfigError(f"batch(step) must give {n_runs} (x, y) pairs of one batch size")
-    x = torch.cat([x for x, _ in pairs]).to(device, non_blocking=True)
-    return x, torch.cat([y for _, y in pairs]).to(device, non_blocking=True)
 
 
 @torch.inference_mode()
