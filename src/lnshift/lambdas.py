@@ -1,22 +1,21 @@
 """Choosing lambda on validation data: a whole grid of rescaled models scored in one batched pass.
 
-Every LayerNorm is temporarily patched so that a batch of L x B images uses L different (gamma, beta)
-sets, one per lambda: the frozen weights are read once per batch instead of once per lambda, and the
-Python overhead is one pass. Selection accepts only a dataset tagged as the validation split, so a
-test split can never choose lambda through this API.
+Every LayerNorm is temporarily patched (blockwise.py) so that a batch of L x B images uses L different
+(gamma, beta) sets, one per lambda: the frozen weights are read once per batch instead of once per
+lambda, and the Python overhead is one pass. Selection accepts only a dataset tagged as the validation
+split, so a test split can never choose lambda through this API.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .blockwise import batched_layernorms, repeat_blocks
 from .data.device import DeviceImages, eval_batches
 from .errors import ConfigError
 from .evaluate import autocast
@@ -59,42 +58,6 @@ def require_validation(dataset: object) -> None:
         )
 
 
-@contextlib.contextmanager
-def batched_layernorms(
-    model: nn.Module, norms: Sequence[str], params: dict[str, torch.Tensor], n_variants: int
-) -> Iterator[None]:
-    """Make each LayerNorm in `norms` apply variant k's affine parameters to the k-th block of the batch.
-
-    `params` maps `norm.weight` / `norm.bias` to stacks of shape (n_variants, C); a missing entry keeps
-    the module's own parameter for every variant.
-    """
-    modules = dict(model.named_modules())
-    saved = {}
-    for name in norms:
-        m = modules[name]
-        gamma = params.get(f"{name}.weight", m.weight.detach().expand(n_variants, -1))
-        beta = params.get(f"{name}.bias")
-        if beta is None and m.bias is not None:
-            beta = m.bias.detach().expand(n_variants, -1)
-
-        def forward(x: torch.Tensor, m: nn.Module = m, gamma: torch.Tensor = gamma, beta=beta) -> torch.Tensor:
-            y = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
-            y = y.view(n_variants, -1, *y.shape[1:])
-            shape = (n_variants,) + (1,) * (y.dim() - 2) + (y.shape[-1],)
-            y = y * gamma.to(y.dtype).view(shape)
-            if beta is not None:
-                y = y + beta.to(y.dtype).view(shape)
-            return y.view(-1, *y.shape[2:])
-
-        saved[name] = m.forward
-        m.forward = forward
-    try:
-        yield
-    finally:
-        for name, fwd in saved.items():
-            modules[name].forward = fwd
-
-
 @torch.inference_mode()
 def grid_logits(
     model: nn.Module,
@@ -116,7 +79,7 @@ def grid_logits(
     with batched_layernorms(model, norms, stacks, n), autocast(device, precision):
         for x, y in loader:
             x = x.to(device)
-            logits.append(model(x.repeat(n, *([1] * (x.dim() - 1)))).float().view(n, x.shape[0], -1).cpu())
+            logits.append(model(repeat_blocks(x, n)).float().view(n, x.shape[0], -1).cpu())
             labels.append(y.cpu())
     model.train(was_training)
     return torch.cat(logits, dim=1), torch.cat(labels), len(labels)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,17 +65,42 @@ def set_trainable(model: nn.Module, names: list[str]) -> list[nn.Parameter]:
     return [params[n] for n in names]
 
 
-def param_groups(model: nn.Module, names: list[str], weight_decay: float, decay_1d: bool) -> list[dict]:
-    """Weight decay on matrices only unless `decay_1d`: LayerNorm gains and biases are not pulled to 0."""
-    params = dict(model.named_parameters())
-    decay = [params[n] for n in names if decay_1d or params[n].ndim > 1]
-    no_decay = [params[n] for n in names if not (decay_1d or params[n].ndim > 1)]
+def param_groups(
+    model: nn.Module | Mapping[str, nn.Parameter],
+    names: list[str],
+    weight_decay: float,
+    decay_1d: bool,
+    run_axis: bool = False,
+) -> list[dict]:
+    """Weight decay on matrices only unless `decay_1d`: LayerNorm gains and biases are not pulled to 0.
+
+    `model` may be a mapping of named parameters; `run_axis`: their first dimension stacks independent
+    runs (multirun.py) and does not make a gain a matrix.
+    """
+    params = model if isinstance(model, Mapping) else dict(model.named_parameters())
+    is_decayed = {n: decay_1d or params[n].ndim - run_axis > 1 for n in names}
+    decay = [params[n] for n in names if is_decayed[n]]
+    no_decay = [params[n] for n in names if not is_decayed[n]]
     groups = []
     if decay:
         groups.append({"params": decay, "weight_decay": weight_decay})
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int, cfg: FitConfig, step: int = 0) -> CosineLRScheduler:
+    """Linear warm-up over `cfg.warmup` of the phase's steps, then cosine to 1 % of the peak; set to `step`."""
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=steps,
+        warmup_t=int(cfg.warmup * steps),
+        warmup_lr_init=cfg.lr * 0.01,
+        lr_min=cfg.lr * 0.01,
+        t_in_epochs=False,
+    )
+    scheduler.step_update(step)
+    return scheduler
 
 
 def snapshot(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
@@ -106,13 +131,17 @@ def train_step(
     x: torch.Tensor,
     y: torch.Tensor,
     optimizer: torch.optim.Optimizer,
-    loss_fn: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     device: torch.device,
     precision: str,
 ) -> torch.Tensor:
-    """One optimiser step; returns the loss, detached and left on the device (no host sync)."""
+    """One optimiser step; returns the loss, detached and left on the device (no host sync).
+
+    The loss is computed in float32 at least: bf16 logits are upcast, float64 ones are kept.
+    """
     with autocast(device, precision):
-        loss = loss_fn(forward(x).float(), y)
+        logits = forward(x)
+        loss = loss_fn(logits.to(torch.promote_types(logits.dtype, torch.float32)), y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -140,15 +169,7 @@ def run_phase(
     optimizer = torch.optim.AdamW(param_groups(model, plan.trainable, cfg.weight_decay, cfg.decay_1d), lr=cfg.lr)
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
-    scheduler = CosineLRScheduler(
-        optimizer,
-        t_initial=plan.steps,
-        warmup_t=int(cfg.warmup * plan.steps),
-        warmup_lr_init=cfg.lr * 0.01,
-        lr_min=cfg.lr * 0.01,
-        t_in_epochs=False,
-    )
-    scheduler.step_update(state.step)
+    scheduler = cosine_schedule(optimizer, plan.steps, cfg, state.step)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     n_train = sum(p.numel() for p in params)
     log.info(

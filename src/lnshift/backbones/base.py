@@ -68,7 +68,7 @@ class Backbone(nn.Module):
         return f"name={self.name!r}, family={self.family!r}, feature_dim={self.feature_dim}"
 
 
-def _is_rms(module: nn.Module) -> bool:
+def is_rms(module: nn.Module) -> bool:
     name = type(module).__name__
     return isinstance(module, nn.RMSNorm) or "RmsNorm" in name or "RMSNorm" in name
 
@@ -81,7 +81,7 @@ def find_norms(module: nn.Module, include_rms: bool = False) -> dict[str, nn.Mod
     """
     found = {}
     for name, mod in module.named_modules():
-        is_norm = isinstance(mod, nn.LayerNorm) or (include_rms and _is_rms(mod))
+        is_norm = isinstance(mod, nn.LayerNorm) or (include_rms and is_rms(mod))
         if is_norm and isinstance(getattr(mod, "weight", None), Tensor):
             found[name] = mod
     return found

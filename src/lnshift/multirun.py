@@ -1,0 +1,211 @@
+"""Batched multi-run training: R independent runs of one method trained together over the shared frozen backbone.
+
+Run r's images are block r of an R x B batch. Every LayerNorm scales and shifts block r with run r's
+(gamma, beta) (blockwise.py) and run r's head classifies it (the head's own forward, vmapped over
+stacked parameters). The loss is the sum over runs of each run's mean loss, so the gradient of the
+r-th slice of a stacked (R, ...) parameter is exactly run r's own gradient; AdamW, its weight decay
+and the learning-rate schedule act elementwise, so each slice takes the step its run would take
+alone (equal up to float reduction order; docs/multirun.md).
+
+Supported: methods whose phases train the head, the LayerNorms or both (`lp`, `ln`, `lp-ln`,
+`cyclic`) with any head (the attention head through vmap's slower per-run fallback of attention),
+a fixed step budget (`steps`). Batched runs keep their last state (as `fit --select last`): there
+is no validation-based epoch choice, and no lambda rescaling between cycles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from .blockwise import batched_layernorms, repeat_blocks
+from .config import FitConfig
+from .errors import ConfigError
+from .evaluate import autocast
+from .fit import build_model, plan_phases, trained_names
+from .heads import Classifier
+from .loop import (
+    NonFiniteLossError,
+    PhasePlan,
+    cosine_schedule,
+    param_groups,
+    restore,
+    run_phase,
+    set_trainable,
+    snapshot,
+    train_step,
+)
+
+BATCHABLE = ("head", "layernorm", "ln")
+HEAD = "head."
+
+# step -> one (x, y) per run, all of the same batch size; steps count over all phases of the method
+Batches = Callable[[int], Sequence[tuple[Tensor, Tensor]]]
+
+
+def batched_plans(model: Classifier, cfg: FitConfig) -> list[PhasePlan]:
+    """fit's phases and budget split, for a method whose phases train only heads and LayerNorms."""
+    if cfg.steps is None:
+        raise ConfigError("batched runs need a fixed step budget: set steps")
+    if cfg.lambda_each_cycle:
+        raise ConfigError("batched runs do not rescale between cycles (lambda_each_cycle)")
+    plans = plan_phases(model, cfg, steps_per_epoch=1)
+    other = sorted({p.phase.strategy for p in plans} - set(BATCHABLE))
+    if other:
+        raise ConfigError(f"method {cfg.method} trains {other}; batched runs train only {list(BATCHABLE)}")
+    return plans
+
+
+def norms_of(names: Sequence[str]) -> list[str]:
+    """The norm modules whose affine parameters are among `names` (every name that is not the head's)."""
+    return list(dict.fromkeys(n.rsplit(".", 1)[0] for n in names if not n.startswith(HEAD)))
+
+
+def initial_states(
+    cfg: FitConfig, backbone: nn.Module, num_classes: int, seeds: Sequence[int]
+) -> list[dict[str, Tensor]]:
+    """Each run's starting tensors as fit() initialises a run with that seed: the backbone's norms, a seeded head."""
+    states = []
+    for seed in seeds:
+        model = build_model(replace(cfg, seed=seed), backbone, num_classes)
+        states.append(snapshot(model, trained_names(batched_plans(model, cfg))))
+    return states
+
+
+class StackedHead(nn.Module):
+    """R copies of a head, block r of the batch through copy r: the head's own forward vmapped over (R, ...) stacks."""
+
+    def __init__(self, head: nn.Module, stacks: Mapping[str, Tensor], n_runs: int) -> None:
+        super().__init__()
+        self.head = head
+        self.stacks = dict(stacks)  # head-relative names; owned by the caller, so not registered here
+        self.n_runs = n_runs
+        self.uses_tokens = getattr(head, "uses_tokens", False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        def one(params: dict[str, Tensor], x: Tensor) -> Tensor:
+            return functional_call(self.head, params, (x,))
+
+        return vmap(one, randomness="different")(self.stacks, x.unflatten(0, (self.n_runs, -1))).flatten(0, 1)
+
+
+@contextlib.contextmanager
+def stacked_runs(model: Classifier, stacks: Mapping[str, Tensor], n_runs: int) -> Iterator[None]:
+    """Within, `model` maps an (n_runs x B) batch to (n_runs x B) logits, block r through run r's tensors.
+
+    `stacks` maps fit's tensor names (`backbone.model.blocks.0.norm1.weight`, `head.fc.weight`, ...) to
+    (n_runs, ...) stacks; tensors without a stack are the model's own, shared by every run.
+    """
+    head = model.head
+    model.head = StackedHead(head, {n.removeprefix(HEAD): t for n, t in stacks.items() if n.startswith(HEAD)}, n_runs)
+    try:
+        with batched_layernorms(model, norms_of(list(stacks)), stacks, n_runs):
+            yield
+    finally:
+        model.head = head
+
+
+def concat(pairs: Sequence[tuple[Tensor, Tensor]], n_runs: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The runs' batches as one: run r's images become block r."""
+    if len(pairs) != n_runs or len({len(y) for _, y in pairs}) != 1:
+        raise ConfigError(f"batch(step) must give {n_runs} (x, y) pairs of one batch size")
+    x = torch.cat([x for x, _ in pairs]).to(device, non_blocking=True)
+    return x, torch.cat([y for _, y in pairs]).to(device, non_blocking=True)
+
+
+def train_runs(
+    model: Classifier, starts: Sequence[Mapping[str, Tensor]], batch: Batches, cfg: FitConfig, device: torch.device
+) -> list[dict[str, Tensor]]:
+    """Train len(starts) runs of `cfg.method` together for `cfg.steps` steps; returns each run's trained tensors.
+
+    `starts[r]` holds run r's initial values (see `initial_states`), `batch(step)` its batches. The
+    result has fit's adapter names. Optimiser settings come from `cfg` (lr, weight_decay, decay_1d,
+    warmup, label_smoothing, precision); the model's own tensors are frozen and left unchanged.
+    """
+    plans = batched_plans(model, cfg)
+    names = trained_names(plans)
+    n = len(starts)
+    stacks = {k: nn.Parameter(torch.stack([s[k] for s in starts]).to(device)) for k in names}
+    set_trainable(model, [])
+    ce = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    def loss_fn(logits: Tensor, y: Tensor) -> Tensor:
+        return ce(logits, y) * n  # the sum of the runs' mean losses: each run gets its own gradient
+
+    model.train()
+    step = 0
+    with stacked_runs(model, stacks, n):
+        for plan in plans:
+            for k, p in stacks.items():
+                p.requires_grad_(k in plan.trainable)
+            groups = param_groups(stacks, plan.trainable, cfg.weight_decay, cfg.decay_1d, run_axis=True)
+            optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+            scheduler = cosine_schedule(optimizer, plan.steps, cfg)
+            for i in range(plan.steps):
+                x, y = concat(batch(step), n, device)
+                train_step(model, x, y, optimizer, loss_fn, device, cfg.precision)
+                step += 1
+                scheduler.step_update(i + 1)
+    broken = [r for r in range(n) if not all(bool(torch.isfinite(t[r]).all()) for t in stacks.values())]
+    if broken:
+        raise NonFiniteLossError(f"batched runs {broken} diverged to non-finite values (lower --lr or check the data)")
+    return [{k: t[r].detach().clone() for k, t in stacks.items()} for r in range(n)]
+
+
+@torch.inference_mode()
+def run_logits(
+    model: Classifier, states: Sequence[Mapping[str, Tensor]], x: Tensor, device: torch.device, precision: str = "auto"
+) -> Tensor:
+    """Logits (R, N, classes) of every run on the same N images, in one batched pass."""
+    n = len(states)
+    stacks = {k: torch.stack([s[k] for s in states]).to(device) for k in states[0]}
+    was_training = model.training
+    model.eval()
+    with stacked_runs(model, stacks, n), autocast(device, precision):
+        logits = model(repeat_blocks(x.to(device), n)).float()
+    model.train(was_training)
+    return logits.unflatten(0, (n, -1))
+
+
+class _NoLog:
+    """run_phase's log, silenced: a reference run writes no run directory."""
+
+    def info(self, message: str) -> None:
+        pass
+
+    def event(self, kind: str, **data: object) -> None:
+        pass
+
+
+def train_alone(
+    model: Classifier,
+    start: Mapping[str, Tensor],
+    batch: Callable[[int], tuple[Tensor, Tensor]],
+    cfg: FitConfig,
+    device: torch.device,
+) -> dict[str, Tensor]:
+    """One run the plain way, loop.run_phase per phase: what train_runs must equal, and its cost baseline.
+
+    Same arguments as train_runs for a single run; the model's tensors are restored afterwards.
+    """
+    plans = batched_plans(model, cfg)
+    names = trained_names(plans)
+    kept = snapshot(model, names)
+    restore(model, start)
+    quiet = replace(cfg, select="last", progress=False)
+    step = 0
+    for plan in plans:
+
+        def loader(_generator: torch.Generator, first: int = step, steps: int = plan.steps) -> Iterator:
+            return (batch(first + i) for i in range(steps))  # one epoch of exactly the phase's steps
+
+        run_phase(model, plan, quiet, loader, lambda: {"accuracy": 0.0, "loss": 0.0}, device, _NoLog(), lambda _: None)
+        step += plan.steps
+    trained = snapshot(model, names)
+    restore(model, kept)
+    return trained

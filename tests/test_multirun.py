@@ -1,0 +1,151 @@
+"""Batched multi-run training: R runs in one batch equal the same runs trained one by one with loop.run_phase."""
+
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from lnshift.backbones import load_backbone
+from lnshift.blockwise import batched_layernorms
+from lnshift.config import FitConfig
+from lnshift.errors import ConfigError, ModelError
+from lnshift.fit import build_model
+from lnshift.multirun import initial_states, run_logits, train_alone, train_runs
+
+TINY = {"img_size": 32, "patch_size": 8}
+CPU = torch.device("cpu")
+RUNS, BATCH, CLASSES = 3, 4, 3
+SWEEP_COST = Path(__file__).resolve().parents[1] / "benchmarks" / "sweep_cost.py"
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return load_backbone("lnshift/test-vit", pretrained=False, model_kwargs=TINY)
+
+
+@pytest.fixture(scope="module")
+def backbone64():
+    return load_backbone("lnshift/test-vit", pretrained=False, model_kwargs=TINY).double()
+
+
+def config(**kw) -> FitConfig:
+    """A short, fast-moving schedule with warm-up and label smoothing, so every setting takes part."""
+    base = {"model": "lnshift/test-vit", "model_kwargs": TINY, "steps": 8, "lr": 1e-2, "warmup": 0.25}
+    return FitConfig(**{**base, "label_smoothing": 0.1} | kw)
+
+
+def batch(step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Different images and labels for every run and step."""
+    gens = [torch.Generator().manual_seed(1000 * r + step) for r in range(RUNS)]
+    return [
+        (torch.randn(BATCH, 3, 32, 32, generator=g), torch.randint(0, CLASSES, (BATCH,), generator=g)) for g in gens
+    ]
+
+
+def train_both(backbone, cfg: FitConfig, dtype: torch.dtype) -> tuple[list[dict], list[dict], list[dict]]:
+    """Initial states, the runs trained together, and the same runs trained alone with loop.run_phase."""
+    model = build_model(cfg, backbone, CLASSES).to(dtype)
+    untouched = {k: v.clone() for k, v in model.state_dict().items()}
+    starts = [{k: v.to(dtype) for k, v in s.items()} for s in initial_states(cfg, backbone, CLASSES, seeds=[0, 1, 2])]
+
+    def batches(step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(x.to(dtype), y) for x, y in batch(step)]
+
+    batched = train_runs(model, starts, batches, cfg, CPU)
+    assert all(torch.equal(v, untouched[k]) for k, v in model.state_dict().items())  # the model is left as it was
+    alone = [train_alone(model, starts[r], lambda step, r=r: batches(step)[r], cfg, CPU) for r in range(RUNS)]
+    return starts, batched, alone
+
+
+@pytest.mark.parametrize(
+    ("method", "head"), [("ln", "linear"), ("cyclic", "linear"), ("lp-ln", "mlp"), ("lp", "linear")]
+)
+def test_batched_runs_equal_runs_one_by_one(backbone64, method, head):
+    """In float64, so that Adam's normalised step cannot turn rounding noise into a sign flip (see the fp32 test)."""
+    cfg = config(method=method, cycles=2, head=head, head_hidden=16)
+    starts, batched, alone = train_both(backbone64, cfg, torch.float64)
+    assert "head.net.0.weight" in batched[0] if head == "mlp" else "head.fc.weight" in batched[0]
+    assert ("backbone.model.blocks.0.norm1.weight" in batched[0]) == (method != "lp")
+    for r in range(RUNS):
+        assert list(alone[r]) == list(batched[r])
+        for k in alone[r]:
+            assert torch.allclose(batched[r][k], alone[r][k], atol=1e-10), (r, k)
+    for k in batched[0]:  # the test can fail: every tensor moved, and the runs differ
+        assert all((b[k] - s[k]).abs().max() > 1e-3 for b, s in zip(batched, starts, strict=True)), k
+        assert (batched[0][k] - batched[1][k]).abs().max() > 1e-4, k
+
+
+def test_fp32_runs_match_up_to_rounding(backbone):
+    """In fp32 the batch shapes round differently; where a gradient is ~0 Adam may amplify that to a step of
+    ~lr, so nearly all (not all) values agree to 1e-5."""
+    starts, batched, alone = train_both(backbone, config(method="cyclic", cycles=2), torch.float32)
+    diffs = torch.cat([(b[k] - a[k]).abs().flatten() for b, a in zip(batched, alone, strict=True) for k in a])
+    assert (diffs <= 1e-5).float().mean() > 0.999 and diffs.max() < 0.05
+    assert all((b[k] - s[k]).abs().max() > 1e-3 for b, s in zip(batched, starts, strict=True) for k in s)
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp", "attention"])
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap's attention fallback on the CPU
+def test_run_logits_equal_each_run_alone(backbone, head):
+    cfg = config(method="ln", head=head, head_hidden=16)
+    model = build_model(cfg, backbone, CLASSES).eval()
+    gen = torch.Generator().manual_seed(0)
+    states = [
+        {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in s.items()}
+        for s in initial_states(cfg, backbone, CLASSES, seeds=[0, 1])
+    ]
+    x = torch.randn(5, 3, 32, 32, generator=gen)
+    logits = run_logits(model, states, x, CPU, "fp32")
+    assert logits.shape == (2, 5, CLASSES)
+    for r, state in enumerate(states):
+        alone = build_model(cfg, backbone, CLASSES).eval()
+        alone.load_state_dict({**alone.state_dict(), **state})
+        with torch.no_grad():
+            assert torch.allclose(logits[r], alone(x), atol=1e-5), r
+    assert (logits[0] - logits[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["lnshift/test-vit", "test_vit4"])  # LayerNorm; timm RmsNorm
+def test_one_variant_patch_equals_the_plain_model(name):
+    backbone = load_backbone(name, pretrained=False, model_kwargs=TINY)
+    norms = list(backbone.norm_modules(include_rms=True))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = backbone(x)
+        with batched_layernorms(backbone, norms, {}, 1):
+            patched = backbone(x)
+    assert torch.allclose(plain, patched, atol=1e-5)
+    with pytest.raises(ModelError, match="cannot be batched"), batched_layernorms(backbone, [""], {}, 1):
+        pass
+
+
+def test_bf16_autocast_trains(backbone):
+    cfg = config(method="cyclic", cycles=1, steps=4, precision="bf16")
+    model = build_model(cfg, backbone, CLASSES)
+    starts = initial_states(cfg, backbone, CLASSES, seeds=[0, 1, 2])
+    batched = train_runs(model, starts, batch, cfg, CPU)
+    alone = train_alone(model, starts[1], lambda step: batch(step)[1], cfg, CPU)
+    assert all(torch.isfinite(t).all() for t in batched[1].values())
+    assert max((batched[1][k] - alone[k]).abs().max() for k in alone) < 0.05
+
+
+@pytest.mark.parametrize(
+    ("change", "message"), [({"method": "full"}, "train only"), ({"steps": None}, "fixed step budget")]
+)
+def test_refuses_what_it_cannot_batch(backbone, change, message):
+    cfg = replace(config(), **change)
+    with pytest.raises(ConfigError, match=message):
+        train_runs(build_model(cfg, backbone, CLASSES), [], batch, cfg, CPU)
+
+
+def test_sweep_cost_smoke_prints_its_table(tmp_path):
+    out = tmp_path / "cost.json"
+    done = subprocess.run(
+        [sys.executable, str(SWEEP_COST), "--smoke", "--out", str(out)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "(b) / (c)" in done.stdout and "max |batched - one by one|" in done.stdout
+    assert out.exists()
