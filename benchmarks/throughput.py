@@ -171,9 +171,18 @@ def lnshift_model(args: argparse.Namespace, name: str, device: torch.device) -> 
 
 
 def lnshift_train(
-    args: argparse.Namespace, name: str, images: DeviceImages, device: torch.device, compiled: bool
+    args: argparse.Namespace,
+    name: str,
+    images: DeviceImages,
+    device: torch.device,
+    compiled: bool,
+    frozen_bf16: bool = False,
 ) -> tuple[dict, dict[str, torch.Tensor], int]:
     model, names = lnshift_model(args, name, device)
+    if frozen_bf16:  # frozen weights stored in bf16: the residual stream and saved activations stay bf16
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
     optimizer = torch.optim.AdamW(param_groups(model, names, 0.05, False), lr=1e-3)
     forward = torch.compile(model) if compiled else model
     loss_fn = nn.CrossEntropyLoss()
@@ -253,10 +262,12 @@ def bench_model(args: argparse.Namespace, name: str, folder: Path, device: torch
     tuned: dict[str, dict] = {}
     if "reference" in args.variants:
         rows["reference"] = reference(args, name, folder, device)
-    for variant, compiled in (("plain", False), ("compiled", True), ("compiled-cudnn", True)):
+    for variant, compiled in (("plain", False), ("compiled", True), ("compiled-cudnn", True), ("compiled-bf16", True)):
         if variant in args.variants:
             with cudnn_attention() if variant.endswith("cudnn") else contextlib.nullcontext():
-                rows[variant], tuned[variant], _ = lnshift_train(args, name, images, device, compiled)
+                rows[variant], tuned[variant], _ = lnshift_train(
+                    args, name, images, device, compiled, frozen_bf16=variant.endswith("bf16")
+                )
     for variant, compiled in (("eval", False), ("eval-compiled", True)):
         if variant in args.variants:
             rows[variant] = eval_throughput(args, name, device, compiled)
