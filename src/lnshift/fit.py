@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
+from . import distributed as dist
 from . import rundir as rd
 from .backbones import load_backbone
 from .config import FitConfig, environment
@@ -44,7 +45,17 @@ from .shift import ShiftReport, layer_shift, rescale
 from .strategies import StrategyOptions, get_strategy, norm_module_names
 
 # options that may differ between an interrupted run and its --resume without changing the result
-RESUME_FREE = {"out", "resume", "overwrite", "progress", "workers", "device", "eval_batch_size", "tensorboard"}
+RESUME_FREE = {
+    "out",
+    "resume",
+    "overwrite",
+    "progress",
+    "workers",
+    "device",
+    "devices",
+    "eval_batch_size",
+    "tensorboard",
+}
 
 
 @dataclass
@@ -213,16 +224,14 @@ def epoch_samples(dataset: ImageDataset, cfg: FitConfig) -> int:
 def loader(
     dataset: ImageDataset, cfg: FitConfig, *, train: bool, generator: torch.Generator | None = None
 ) -> DataLoader:
-    sampler = None
-    if train:  # repeated seeded permutations when an epoch is longer than the split
-        sampler = RandomSampler(dataset, num_samples=epoch_samples(dataset, cfg), generator=generator)
-    return DataLoader(
-        dataset,
-        batch_size=cfg.batch_size if train else cfg.eval_batch_size,
-        sampler=sampler,
-        num_workers=cfg.workers,
-        pin_memory=torch.cuda.is_available(),
-    )
+    """Training: this process's slices of the global batches. Evaluation: its chunk of the split (distributed.py)."""
+    pin = torch.cuda.is_available()
+    if not train:
+        return DataLoader(dist.local_chunk(dataset), cfg.eval_batch_size, num_workers=cfg.workers, pin_memory=pin)
+    # repeated seeded permutations when an epoch is longer than the split
+    sampler = RandomSampler(dataset, num_samples=epoch_samples(dataset, cfg), generator=generator)
+    batches = dist.SliceSampler(sampler, cfg.batch_size, dist.rank(), dist.world())
+    return DataLoader(dist.Placeholders(dataset), batch_sampler=batches, num_workers=cfg.workers, pin_memory=pin)
 
 
 def check_resume(run: rd.RunDir, cfg: FitConfig) -> None:
@@ -234,16 +243,24 @@ def check_resume(run: rd.RunDir, cfg: FitConfig) -> None:
 
 
 def fit(cfg: FitConfig, echo: Callable[[str], None] | None = print) -> rd.RunDir:
-    """Train one run as configured and write its run directory; returns it."""
+    """Train one run as configured and write its run directory; returns it.
+
+    Under torchrun every process calls it, and together they train one data-parallel run (distributed.py).
+    """
+    with dist.process_group(resolve_device(cfg.device)) as device:
+        return train(cfg, device, echo)
+
+
+def train(cfg: FitConfig, device: torch.device, echo: Callable[[str], None] | None) -> rd.RunDir:
+    """fit() on a given device, inside the process group if there is one."""
     run = rd.RunDir(cfg.out)
-    run.prepare(resume=cfg.resume, overwrite=cfg.overwrite)
+    dist.from_main(partial(run.prepare, resume=cfg.resume, overwrite=cfg.overwrite))
     if cfg.resume:
-        check_resume(run, cfg)
+        dist.from_main(partial(check_resume, run, cfg))
     log = rd.EventLog(run, echo, tensorboard=cfg.tensorboard)
     log.event("start", resume=cfg.resume)
     rd.write_yaml(run / rd.CONFIG, {"fit": cfg.to_dict(), "environment": environment(), "command": sys.argv})
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
 
     backbone = load_configured_backbone(cfg)
     data = prepare_data(cfg, backbone.data_config)
@@ -278,13 +295,19 @@ def fit(cfg: FitConfig, echo: Callable[[str], None] | None = print) -> rd.RunDir
     }
     if not (run / rd.BASE).exists():
         rd.write_tensors(run / rd.BASE, snapshot(model, names), meta)
-    base, _ = run.read_tensors(rd.BASE)
+    base = dist.from_main(lambda: run.read_tensors(rd.BASE)[0])
 
     ckpt_path = run / rd.CHECKPOINT / "state.pt"
     done_phases: list[dict] = []
     resume_state: PhaseState | None = None
-    if cfg.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+
+    def load_checkpoint() -> dict | None:  # rank 0 reads, every rank restores
+        return (
+            torch.load(ckpt_path, map_location="cpu", weights_only=False) if cfg.resume and ckpt_path.exists() else None
+        )
+
+    ckpt = dist.from_main(load_checkpoint)
+    if ckpt is not None:
         restore(model, ckpt["tensors"])
         done_phases, resume_state = ckpt["done_phases"], ckpt["state"]
         log.info(f"resuming after phase {len(done_phases)} epoch {resume_state.epoch if resume_state else 0}")
@@ -336,7 +359,8 @@ def fit(cfg: FitConfig, echo: Callable[[str], None] | None = print) -> rd.RunDir
     metrics = evaluate_all(model, data.val, data.tests, len(data.classes), cfg, device)
     rd.write_json(run / rd.METRICS, metrics)
     log.info("metrics: " + summarize(metrics))
-    (run / rd.CHECKPOINT / "state.pt").unlink(missing_ok=True)
+    if dist.is_main():
+        ckpt_path.unlink(missing_ok=True)
     log.event("done")
     run.mark_done()
     return run
@@ -360,7 +384,7 @@ def apply_lambda(
         batch_size=cfg.eval_batch_size,
         precision=cfg.precision,
     )
-    record = lambda_record(curve, cfg.lam, rd.RunDir(cfg.out))
+    record = dist.from_main(lambda: lambda_record(curve, cfg.lam, rd.RunDir(cfg.out)))  # may read FSR_ESTIMATE
     restore(model, rescale(base, tuned, norms, record["lambda"], cfg.lambda_target))
     return record
 

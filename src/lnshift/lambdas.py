@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .distributed import gather_rows, local_chunk
 from .errors import ConfigError
 from .evaluate import autocast
 from .metrics import classification_metrics
@@ -147,9 +148,10 @@ def select_lambda(
     if not grid:
         raise ConfigError("--lambda-grid is empty")
     per_pass = max(1, batch_size // len(grid))
-    loader = DataLoader(val_dataset, batch_size=per_pass, shuffle=False)
+    loader = DataLoader(local_chunk(val_dataset), batch_size=per_pass, shuffle=False)
     start = time.perf_counter()
     logits, labels, passes = grid_logits(model, norms, base, tuned, grid, loader, device, precision, target)
+    logits, labels = gather_rows(logits.transpose(0, 1)).transpose(0, 1), gather_rows(labels)  # data-parallel
     metrics = [classification_metrics(lk.numpy(), labels.numpy(), num_classes) for lk in logits]
     seconds = time.perf_counter() - start
     return LambdaCurve(list(grid), metrics, choose(grid, metrics), target, VALIDATION, seconds, passes)

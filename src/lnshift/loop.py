@@ -1,7 +1,8 @@
 """The one training loop: runs any phase of any method and knows nothing about which method it serves.
 
 A phase trains exactly the tensors its strategy selected (everything else has requires_grad False),
-with AdamW, a warm-up + cosine schedule, optional bf16 autocast and label smoothing. After every
+with AdamW, a warm-up + cosine schedule, optional bf16 autocast and label smoothing; in a data-parallel
+run the gradient is that of the mean loss over the global batch (distributed.py). After every
 epoch it scores the validation split (never a test split), keeps the best trainable state, and
 writes a checkpoint from which an interrupted run resumes at the next epoch.
 """
@@ -20,6 +21,7 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader
 
+from . import distributed as dist
 from .config import FitConfig
 from .errors import LNShiftError
 from .evaluate import autocast, batches
@@ -127,7 +129,8 @@ def run_phase(
         t_in_epochs=False,
     )
     scheduler.step_update(state.step)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    net = dist.wrap(model, device)  # after set_trainable: DDP reduces exactly this phase's tensors
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
     n_train = sum(p.numel() for p in params)
     log.info(
         f"phase {plan.phase.name} ({plan.phase.strategy}): {plan.steps} steps, {n_train:,} trainable values, "
@@ -141,19 +144,21 @@ def run_phase(
         desc = f"{plan.phase.name} epoch {state.epoch + 1}"
         for x, y in batches(train_loader(generator), device, desc, cfg.progress):
             with autocast(device, cfg.precision):
-                loss = loss_fn(model(x).float(), y)
-            if not torch.isfinite(loss):
+                loss = loss_fn(net(x).float(), y)
+            # loss and sample count of the global batch: every rank sees the same (non-)finite loss
+            total, count = dist.all_sum(torch.stack([loss.detach(), (y != dist.IGNORE).sum().float()])).tolist()
+            if not math.isfinite(total):
                 raise NonFiniteLossError(
-                    f"loss is {loss.item()} at step {state.step + 1} of phase {plan.phase.name}; "
+                    f"loss is {total / count} at step {state.step + 1} of phase {plan.phase.name}; "
                     "the last good checkpoint is kept (lower --lr or check the data)"
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * (dist.world() / count)).backward()  # DDP averages over ranks: the global batch's mean
             optimizer.step()
             state.step += 1
             scheduler.step_update(state.step)
-            loss_sum += loss.item() * len(y)
-            seen += len(y)
+            loss_sum += total
+            seen += count
             if state.step >= plan.steps:
                 break
         state.epoch += 1
