@@ -235,6 +235,9 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
     how = p.add_mutually_exclusive_group()
     how.add_argument("--shard", metavar="I/N", help="run only the I-th of N disjoint slices (e.g. a Slurm array task)")
     how.add_argument("--collect", action="store_true", help="only rebuild the results tables from finished runs")
+    p.add_argument(
+        "--devices", type=int, default=1, metavar="N", help="run N cells at a time, one per GPU (default: 1)"
+    )
 
 
 @command("sweep", "run a benchmark grid, restartable, with one results table", _sweep_options)
@@ -243,9 +246,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     sweep = load_sweep(args.file)
     if args.collect:
+        if args.devices != 1:
+            raise ConfigError("--collect trains nothing; it takes no --devices")
         collect(sweep)
     else:
-        run_sweep(sweep, shard=parse_shard(args.shard) if args.shard else None)
+        run_sweep(sweep, shard=parse_shard(args.shard) if args.shard else None, devices=args.devices)
     return 0
 
 
