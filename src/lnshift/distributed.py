@@ -86,8 +86,10 @@ def process_group(device: torch.device) -> Iterator[torch.device]:
         yield device
         return
     if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        torch.cuda.set_device(device)  # the device of NCCL's object collectives (from_main, gather_rows)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
     try:
         yield device
     finally:

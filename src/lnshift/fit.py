@@ -248,11 +248,11 @@ def fit(cfg: FitConfig, echo: Callable[[str], None] | None = print) -> rd.RunDir
     Under torchrun every process calls it, and together they train one data-parallel run (distributed.py).
     """
     with dist.process_group(resolve_device(cfg.device)) as device:
-        return train(cfg, device, echo)
+        return _fit(cfg, device, echo)
 
 
-def train(cfg: FitConfig, device: torch.device, echo: Callable[[str], None] | None) -> rd.RunDir:
-    """fit() on a given device, inside the process group if there is one."""
+def _fit(cfg: FitConfig, device: torch.device, echo: Callable[[str], None] | None) -> rd.RunDir:
+    """fit() on this process's device, inside the process group if there is one."""
     run = rd.RunDir(cfg.out)
     dist.from_main(partial(run.prepare, resume=cfg.resume, overwrite=cfg.overwrite))
     if cfg.resume:

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import rundir as rd
 from .config import FitConfig, environment, load_yaml
 from .errors import ConfigError, RunDirError
@@ -347,8 +349,6 @@ def _spread(
 
 def _worker_gpus(devices: int, sweep: Sweep) -> list[str | None]:
     """CUDA_VISIBLE_DEVICES of each worker (one GPU each); None for every worker on a machine without GPUs."""
-    import torch
-
     if not torch.cuda.is_available():
         return [None] * devices
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
