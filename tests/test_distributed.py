@@ -17,7 +17,7 @@ from lnshift import distributed as dist
 from lnshift import rundir as rd
 from lnshift import sweep as sw
 from lnshift.cli import main
-from lnshift.errors import RunDirError
+from lnshift.errors import ConfigError, RunDirError
 from tiny import TINY
 
 
@@ -165,3 +165,28 @@ def test_sweep_on_two_workers_gives_the_same_table_as_one(tmp_path):
     assert tables[0] == tables[1] and len(tables[0]) == 2 * 2  # lp and ln+auto x 2 seeds of mini
     for message in errors:  # the broken dataset's 4 units fail alike, the others finish
         assert message.startswith("4 of 8 runs failed") and message.count("broken/") == 4
+
+
+def test_sweep_workers_get_one_visible_gpu_each(tmp_path, monkeypatch):
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "out": str(tmp_path / "out"),
+                "base": {"device": "cuda:1"},
+                "datasets": {"d": {"train": "x"}},
+                "methods": ["ln"],
+                "regimes": [{"shots": 1}],
+                "seeds": [0],
+            }
+        )
+    )
+    sweep = sw.load_sweep(path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,7")
+    with pytest.raises(ConfigError, match=r"base\.device"):
+        sw._worker_gpus(2, sweep)
+    sweep.base["device"] = "auto"
+    assert sw._worker_gpus(2, sweep) == ["3", "5"]
+    with pytest.raises(ConfigError, match="--devices 4: only 3 GPU"):
+        sw._worker_gpus(4, sweep)

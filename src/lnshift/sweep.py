@@ -321,9 +321,16 @@ def _spread(
     tasks, results = context.Queue(), context.Queue()
     for job in [*jobs, *[None] * devices]:  # one None per worker: the end of the queue
         tasks.put(job)
-    workers = [context.Process(target=_worker, args=(sweep, gpu, tasks, results)) for gpu in gpus]
-    for worker in workers:
+    workers = [context.Process(target=_worker, args=(sweep, tasks, results)) for _ in gpus]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    for gpu, worker in zip(gpus, workers, strict=True):
+        if gpu is not None:  # a spawned process starts with this environment, before it imports torch
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpu
         worker.start()
+    if visible is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    else:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
     left = {job.unit for job in jobs}
     try:
         while left:
@@ -361,10 +368,8 @@ def _worker_gpus(devices: int, sweep: Sweep) -> list[str | None]:
     return gpus[:devices]
 
 
-def _worker(sweep: Sweep, gpu: str | None, tasks: Any, results: Any) -> None:
-    """A worker process: runs units from `tasks` until it takes None, on its own GPU (cuda:0 to it)."""
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before anything initialises CUDA in this process
+def _worker(sweep: Sweep, tasks: Any, results: Any) -> None:
+    """A worker process: runs units from `tasks` until it takes None, on the one GPU it sees (cuda:0)."""
     for job in iter(tasks.get, None):
         error = _attempt(sweep, job, lambda text: results.put(("echo", None, text)))
         results.put(("done", job.unit, error))
