@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 
 from . import __version__
 from .config import _parse_named, _parse_yaml_dict, add_fit_options, config_from_args
-from .errors import LNShiftError
+from .errors import ConfigError, LNShiftError
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
@@ -28,11 +29,20 @@ def _fit_options(p: argparse.ArgumentParser) -> None:
 
 @command("fit", "train a run (LayerNorm tuning or a baseline) and write its run directory", _fit_options)
 def cmd_fit(args: argparse.Namespace) -> int:
+    from . import distributed as dist
+    from .evaluate import resolve_device
     from .fit import fit
 
     cfg = config_from_args(args)
+    if not dist.launched() and cfg.devices > 1:  # the same command, once per GPU, under torchrun
+        dist.check_devices(cfg.devices, resolve_device(cfg.device))
+        return dist.launch(cfg.devices, args.argv)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if cfg.devices > 1 and cfg.devices != per_node:
+        raise ConfigError(f"--devices {cfg.devices}, but torchrun started {per_node} processes per machine")
     run = fit(cfg)
-    print(f"run directory: {run.path}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"run directory: {run.path}")
     return 0
 
 
@@ -225,6 +235,9 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
     how = p.add_mutually_exclusive_group()
     how.add_argument("--shard", metavar="I/N", help="run only the I-th of N disjoint slices (e.g. a Slurm array task)")
     how.add_argument("--collect", action="store_true", help="only rebuild the results tables from finished runs")
+    p.add_argument(
+        "--devices", type=int, default=1, metavar="N", help="run N cells at a time, one per GPU (default: 1)"
+    )
 
 
 @command("sweep", "run a benchmark grid, restartable, with one results table", _sweep_options)
@@ -233,9 +246,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     sweep = load_sweep(args.file)
     if args.collect:
+        if args.devices != 1:
+            raise ConfigError("--collect trains nothing; it takes no --devices")
         collect(sweep)
     else:
-        run_sweep(sweep, shard=parse_shard(args.shard) if args.shard else None)
+        run_sweep(sweep, shard=parse_shard(args.shard) if args.shard else None, devices=args.devices)
     return 0
 
 
@@ -271,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # for `fit --devices N`, which runs the same command under torchrun
     try:
         return args.func(args)
     except LNShiftError as e:

@@ -88,6 +88,7 @@ class FitConfig:
     seed: int = _opt(0, "seed for splits, initialisation and data order")
     # runtime
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
+    devices: int = _opt(1, "GPUs of this machine to train on, data-parallel via torchrun (docs/distributed.md)")
     precision: str = _opt("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32")
     workers: int = _opt(2, "data-loading worker processes (input pipeline 'workers')")
     input_pipeline: str = _opt(
@@ -144,7 +145,7 @@ class FitConfig:
             raise ConfigError(f"--subset must be in (0, 1], got {self.subset}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
-        for name in ("epochs", "batch_size", "eval_batch_size", "min_epoch_steps"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "min_epoch_steps", "devices"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .distributed import gather_rows, is_main
 from .errors import ConfigError
 from .metrics import classification_metrics
 
@@ -38,7 +39,7 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 def batches(
     loader: DataLoader, device: torch.device, desc: str, progress: bool
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=not (progress and is_main()), dynamic_ncols=True):
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
@@ -51,7 +52,11 @@ def predict(
     desc: str = "eval",
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (float32) and labels for every sample of the loader, in loader order."""
+    """Logits (float32) and labels for every sample of the loader, in loader order.
+
+    In a data-parallel run each rank's loader holds its chunk of the split (distributed.local_chunk) and
+    every rank gets the outputs of the whole split.
+    """
     was_training = model.training
     model.eval()
     logits, labels = [], []
@@ -61,8 +66,8 @@ def predict(
             labels.append(y.cpu())
     model.train(was_training)
     if not logits:
-        return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
-    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+        logits, labels = [torch.zeros(0, 0)], [torch.zeros(0, dtype=torch.int64)]
+    return gather_rows(torch.cat(logits)).numpy(), gather_rows(torch.cat(labels)).numpy()
 
 
 def evaluate(

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
+from . import distributed as dist
 from . import rundir as rd
 from .backbones import load_backbone
 from .config import FitConfig, environment
@@ -46,7 +47,8 @@ from .strategies import StrategyOptions, get_strategy, norm_module_names
 
 # options that may differ between an interrupted run and its --resume without changing the result
 RESUME_FREE = {
-    "out", "resume", "overwrite", "progress", "workers", "device", "eval_batch_size", "tensorboard", "compile"
+    "out", "resume", "overwrite", "progress", "workers", "device", "devices", "eval_batch_size", "tensorboard",
+    "compile",
 }  # fmt: skip
 # the device pipeline may hold at most this share of the GPU's free memory; beyond it `auto` uses workers
 DEVICE_DATA_SHARE = 0.5
@@ -247,20 +249,20 @@ def epoch_samples(dataset: Images, cfg: FitConfig) -> int:
 def loader(
     dataset: Images, cfg: FitConfig, *, train: bool, generator: torch.Generator | None = None
 ) -> DataLoader | DeviceBatches:
+    """Training: this process's slices of the global batches. Evaluation: its chunk of the split (distributed.py)."""
     if isinstance(dataset, DeviceImages):
         size = cfg.batch_size if train else cfg.eval_batch_size
         samples = epoch_samples(dataset, cfg) if train else None
-        return DeviceBatches(dataset, size, train=train, num_samples=samples, generator=generator)
-    sampler = None
-    if train:  # repeated seeded permutations when an epoch is longer than the split
-        sampler = RandomSampler(dataset, num_samples=epoch_samples(dataset, cfg), generator=generator)
-    return DataLoader(
-        dataset,
-        batch_size=cfg.batch_size if train else cfg.eval_batch_size,
-        sampler=sampler,
-        num_workers=cfg.workers,
-        pin_memory=torch.cuda.is_available(),
-    )
+        return DeviceBatches(
+            dataset, size, train=train, num_samples=samples, generator=generator, rank=dist.rank(), world=dist.world()
+        )
+    pin = torch.cuda.is_available()
+    if not train:
+        return DataLoader(dist.local_chunk(dataset), cfg.eval_batch_size, num_workers=cfg.workers, pin_memory=pin)
+    # repeated seeded permutations when an epoch is longer than the split
+    sampler = RandomSampler(dataset, num_samples=epoch_samples(dataset, cfg), generator=generator)
+    batches = dist.SliceSampler(sampler, cfg.batch_size, dist.rank(), dist.world())
+    return DataLoader(dist.Placeholders(dataset), batch_sampler=batches, num_workers=cfg.workers, pin_memory=pin)
 
 
 def check_resume(run: rd.RunDir, cfg: FitConfig) -> None:
@@ -272,16 +274,24 @@ def check_resume(run: rd.RunDir, cfg: FitConfig) -> None:
 
 
 def fit(cfg: FitConfig, echo: Callable[[str], None] | None = print) -> rd.RunDir:
-    """Train one run as configured and write its run directory; returns it."""
+    """Train one run as configured and write its run directory; returns it.
+
+    Under torchrun every process calls it, and together they train one data-parallel run (distributed.py).
+    """
+    with dist.process_group(resolve_device(cfg.device)) as device:
+        return _fit(cfg, device, echo)
+
+
+def _fit(cfg: FitConfig, device: torch.device, echo: Callable[[str], None] | None) -> rd.RunDir:
+    """fit() on this process's device, inside the process group if there is one."""
     run = rd.RunDir(cfg.out)
-    run.prepare(resume=cfg.resume, overwrite=cfg.overwrite)
+    dist.from_main(partial(run.prepare, resume=cfg.resume, overwrite=cfg.overwrite))
     if cfg.resume:
-        check_resume(run, cfg)
+        dist.from_main(partial(check_resume, run, cfg))
     log = rd.EventLog(run, echo, tensorboard=cfg.tensorboard)
     log.event("start", resume=cfg.resume)
     rd.write_yaml(run / rd.CONFIG, {"fit": cfg.to_dict(), "environment": environment(), "command": sys.argv})
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
 
     backbone = load_configured_backbone(cfg)
     data = prepare_data(cfg, backbone.data_config)
@@ -319,19 +329,24 @@ def fit(cfg: FitConfig, echo: Callable[[str], None] | None = print) -> rd.RunDir
     }
     if not (run / rd.BASE).exists():
         rd.write_tensors(run / rd.BASE, snapshot(model, names), meta)
-    base, _ = run.read_tensors(rd.BASE)
+    base = dist.from_main(lambda: run.read_tensors(rd.BASE)[0])
 
     ckpt_path = run / rd.CHECKPOINT / "state.pt"
     done_phases: list[dict] = []
     resume_state: PhaseState | None = None
-    if cfg.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+
+    def load_checkpoint() -> dict | None:  # rank 0 reads, every rank restores
+        return (
+            torch.load(ckpt_path, map_location="cpu", weights_only=False) if cfg.resume and ckpt_path.exists() else None
+        )
+
+    ckpt = dist.from_main(load_checkpoint)
+    if ckpt is not None:
         restore(model, ckpt["tensors"])
         done_phases, resume_state = ckpt["done_phases"], ckpt["state"]
         log.info(f"resuming after phase {len(done_phases)} epoch {resume_state.epoch if resume_state else 0}")
 
     trained_norms = [m for m in norms if f"{m}.weight" in names]
-    forward = torch.compile(model) if cfg.compile else model  # shares the parameters; evaluation stays eager
     validate = partial(evaluate, model, loader(data.val, cfg, train=False), len(data.classes), device, cfg.precision)
     for plan in plans[len(done_phases) :]:
 
@@ -348,7 +363,6 @@ def fit(cfg: FitConfig, echo: Callable[[str], None] | None = print) -> rd.RunDir
             log,
             save_checkpoint,
             resume_state,
-            forward,
         )
         resume_state = None
         record = {"phase": plan.phase.name, "strategy": plan.phase.strategy, "steps": plan.steps}
@@ -379,7 +393,8 @@ def fit(cfg: FitConfig, echo: Callable[[str], None] | None = print) -> rd.RunDir
     metrics = evaluate_all(model, data.val, data.tests, len(data.classes), cfg, device)
     rd.write_json(run / rd.METRICS, metrics)
     log.info("metrics: " + summarize(metrics))
-    (run / rd.CHECKPOINT / "state.pt").unlink(missing_ok=True)
+    if dist.is_main():
+        ckpt_path.unlink(missing_ok=True)
     log.event("done")
     run.mark_done()
     return run
@@ -403,7 +418,7 @@ def apply_lambda(
         batch_size=cfg.eval_batch_size,
         precision=cfg.precision,
     )
-    record = lambda_record(curve, cfg.lam, rd.RunDir(cfg.out))
+    record = dist.from_main(lambda: lambda_record(curve, cfg.lam, rd.RunDir(cfg.out)))  # may read FSR_ESTIMATE
     restore(model, rescale(base, tuned, norms, record["lambda"], cfg.lambda_target))
     return record
 

@@ -10,15 +10,19 @@ Assumptions: the shift converges as n grows at a fixed budget (more data, a less
 the subsets are samples of the same distribution as the training set (so a training set that misses
 part of the target domain cannot be detected: FSR_est measures finite-sample under/over-shift, not
 coverage). Sub-runs live under RUN_DIR/fsr-estimate/ and are reused when the estimate is run again.
+In a data-parallel run every process calls the estimator and each sub-run is data-parallel too; what
+is read back from the sub-runs' directories is read by rank 0 and sent to the others.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from . import distributed as dist
 from . import rundir as rd
 from .config import FitConfig
 from .errors import ConfigError
@@ -44,7 +48,8 @@ def sub_run(cfg: FitConfig, root: Path, fraction: float, seed: int, steps: int, 
 
     out = root / SUBDIR / f"subset{fraction:g}-seed{seed}"
     run = rd.RunDir(out)
-    if run.done:
+    done, started = dist.from_main(lambda: (run.done, out.exists()))
+    if done:
         return run
     sub = dataclasses.replace(
         cfg,
@@ -55,7 +60,7 @@ def sub_run(cfg: FitConfig, root: Path, fraction: float, seed: int, steps: int, 
         steps=steps,
         test={},
         out=str(out),
-        resume=out.exists(),
+        resume=started,
         overwrite=False,
         progress=False,
     )
@@ -72,8 +77,7 @@ def estimate_fsr(
     for fraction in parse_fractions(cfg.fsr_subsets):
         for seed in range(cfg.fsr_seeds):
             run = sub_run(cfg, root, fraction, seed, steps, echo)
-            n = len(run.read_json(rd.SPLITS)["splits"]["train"]["indices"])
-            points.append({"fraction": fraction, "seed": seed, "n": n, **_shift_sums(run.read_json(rd.SHIFT))})
+            points.append({"fraction": fraction, "seed": seed, **dist.from_main(partial(_point, run))})
     ns = [p["n"] for p in points]
     gamma = extrapolate_shift(ns, [p["shift_gamma"] for p in points])
     beta = extrapolate_shift(ns, [p["shift_beta"] for p in points])
@@ -90,6 +94,12 @@ def estimate_fsr(
         "steps_per_run": steps,
         "method": "nested subsets at a fixed step budget, shift extrapolated to n -> infinity (docs/fsr.md)",
     }
+
+
+def _point(run: rd.RunDir) -> dict[str, float]:
+    """Training-set size and shift totals of a finished sub-run."""
+    n = len(run.read_json(rd.SPLITS)["splits"]["train"]["indices"])
+    return {"n": n, **_shift_sums(run.read_json(rd.SHIFT))}
 
 
 def _shift_sums(shift: dict[str, Any]) -> dict[str, float]:

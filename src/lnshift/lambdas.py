@@ -17,6 +17,7 @@ from torch import nn
 
 from .blockwise import batched_layernorms, repeat_blocks
 from .data.device import DeviceImages, eval_batches
+from .distributed import gather_rows
 from .errors import ConfigError
 from .evaluate import autocast
 from .metrics import classification_metrics
@@ -110,9 +111,10 @@ def select_lambda(
     if not grid:
         raise ConfigError("--lambda-grid is empty")
     per_pass = max(1, batch_size // len(grid))
-    loader = eval_batches(val_dataset, per_pass)
+    loader = eval_batches(val_dataset, per_pass, data_parallel=True)
     start = time.perf_counter()
     logits, labels, passes = grid_logits(model, norms, base, tuned, grid, loader, device, precision, target)
+    logits, labels = gather_rows(logits.transpose(0, 1)).transpose(0, 1), gather_rows(labels)  # data-parallel
     metrics = [classification_metrics(lk.numpy(), labels.numpy(), num_classes) for lk in logits]
     seconds = time.perf_counter() - start
     return LambdaCurve(list(grid), metrics, choose(grid, metrics), target, VALIDATION, seconds, passes)

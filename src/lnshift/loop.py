@@ -1,7 +1,8 @@
 """The one training loop: runs any phase of any method and knows nothing about which method it serves.
 
 A phase trains exactly the tensors its strategy selected (everything else has requires_grad False),
-with AdamW, a warm-up + cosine schedule, optional bf16 autocast and label smoothing. After every
+with AdamW, a warm-up + cosine schedule, optional bf16 autocast and label smoothing; in a data-parallel
+run the gradient is that of the mean loss over the global batch (distributed.py). After every
 epoch it scores the validation split (never a test split), keeps the best trainable state, and
 writes a checkpoint from which an interrupted run resumes at the next epoch.
 """
@@ -20,6 +21,7 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader
 
+from . import distributed as dist
 from .config import FitConfig
 from .errors import LNShiftError
 from .evaluate import autocast, batches
@@ -135,17 +137,22 @@ def train_step(
     device: torch.device,
     precision: str,
 ) -> torch.Tensor:
-    """One optimiser step; returns the loss, detached and left on the device (no host sync).
+    """One optimiser step on the mean of `loss_fn` (a summed loss) over the global batch.
 
-    The loss is computed in float32 at least: bf16 logits are upcast, float64 ones are kept.
+    Returns [summed loss, sample count] of the global batch, detached and left on the device: no host
+    sync. In a data-parallel run both are all-reduced (asynchronously on GPUs), so every rank sees the
+    same numbers; scaling by world / count makes DDP's averaged gradient the global batch's mean, also
+    when slices are uneven. Placeholder samples (label distributed.IGNORE) count for nothing. The loss
+    is computed in float32 at least: bf16 logits are upcast, float64 ones are kept.
     """
     with autocast(device, precision):
         logits = forward(x)
         loss = loss_fn(logits.to(torch.promote_types(logits.dtype, torch.float32)), y)
+    stats = dist.all_sum(torch.stack([loss.detach(), (y != dist.IGNORE).sum().to(loss.dtype)]))
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * (dist.world() / stats[1])).backward()
     optimizer.step()
-    return loss.detach()
+    return stats
 
 
 def run_phase(
@@ -158,49 +165,44 @@ def run_phase(
     log: EventLog,
     save_checkpoint: Callable[[PhaseState], None],
     state: PhaseState | None = None,
-    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> PhaseState:
-    """Train one phase to its step budget; `state` continues an interrupted phase.
-
-    `forward` replaces `model(x)` in training steps, e.g. a torch.compile'd model sharing its parameters.
-    """
+    """Train one phase to its step budget; `state` continues an interrupted phase."""
     state = state or PhaseState()
     params = set_trainable(model, plan.trainable)
     optimizer = torch.optim.AdamW(param_groups(model, plan.trainable, cfg.weight_decay, cfg.decay_1d), lr=cfg.lr)
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
     scheduler = cosine_schedule(optimizer, plan.steps, cfg, state.step)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    net = dist.wrap(model, device)  # after set_trainable: DDP reduces exactly this phase's tensors
+    step_forward = torch.compile(net) if cfg.compile else net  # shares the parameters; validation stays eager
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
     n_train = sum(p.numel() for p in params)
     log.info(
         f"phase {plan.phase.name} ({plan.phase.strategy}): {plan.steps} steps, {n_train:,} trainable values, "
         f"decay on 1-D parameters: {'yes' if cfg.decay_1d else 'no'}"
     )
-    step_forward = model if forward is None else forward
     model.train()
     while state.step < plan.steps:
         generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, plan.index, state.epoch))
         seed_everything(epoch_seed(cfg.seed, plan.index, state.epoch))  # timm's crops draw from `random`
-        first_step, losses, sizes = state.step, [], []
+        first_step, losses = state.step, []
         desc = f"{plan.phase.name} epoch {state.epoch + 1}"
         for x, y in batches(train_loader(generator), device, desc, cfg.progress):
             losses.append(train_step(step_forward, x, y, optimizer, loss_fn, device, cfg.precision))
-            sizes.append(len(y))
             state.step += 1
             scheduler.step_update(state.step)
             if state.step >= plan.steps:
                 break
         # read the losses once per epoch: a host sync per step would stall the GPU's queue
-        epoch_losses = torch.stack(losses).cpu() if losses else torch.zeros(0)
-        bad = (~torch.isfinite(epoch_losses)).nonzero()
-        if len(bad):
+        sums, counts = (torch.stack(losses).double().cpu() if losses else torch.zeros(0, 2, dtype=torch.float64)).T
+        bad = (~torch.isfinite(sums)).nonzero()
+        if len(bad):  # every rank holds the same all-reduced numbers, so all of them stop here
             k = int(bad[0])
             raise NonFiniteLossError(
-                f"loss is {epoch_losses[k].item()} at step {first_step + k + 1} of phase {plan.phase.name}; "
+                f"loss is {(sums[k] / counts[k]).item()} at step {first_step + k + 1} of phase {plan.phase.name}; "
                 "the last good checkpoint is kept (lower --lr or check the data)"
             )
-        seen = sum(sizes)
-        loss_sum = float((epoch_losses.double() * torch.tensor(sizes, dtype=torch.float64)).sum())
+        loss_sum, seen = float(sums.sum()), float(counts.sum())
         state.epoch += 1
         val = validate()
         record = {

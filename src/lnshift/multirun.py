@@ -132,10 +132,12 @@ def train_runs(
     n = len(starts)
     stacks = {k: nn.Parameter(torch.stack([s[k] for s in starts]).to(device)) for k in names}
     set_trainable(model, [])
-    ce = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    ce = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
 
     def loss_fn(logits: Tensor, y: Tensor) -> Tensor:
-        return ce(logits, y) * n  # the sum of the runs' mean losses: each run gets its own gradient
+        # train_step divides by the n * B samples: n * sum / (n * B) is the sum of the runs' mean
+        # losses, so each run gets exactly its own gradient
+        return ce(logits, y) * n
 
     model.train()
     step = 0

@@ -1,7 +1,8 @@
 """The run directory: the contract between training, evaluation, shift/FSR, merging and reports.
 
 Every file is written atomically (temporary file in the same folder, fsync, rename), and `DONE` is
-written last, so a run directory never looks complete when it is not.
+written last, so a run directory never looks complete when it is not. In a data-parallel run every
+process runs the same code, but only rank 0 writes: the writes here are no-ops on the other ranks.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from .distributed import is_main
 from .errors import ConfigError, RunDirError
 
 CONFIG = "config.yaml"
@@ -40,6 +42,8 @@ DONE = "DONE"
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp_path)` then rename onto `path`; a crash leaves the old file or none, never half of one."""
+    if not is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -155,11 +159,12 @@ class EventLog:
     def __init__(self, run: RunDir, echo: Callable[[str], None] | None = None, tensorboard: bool = False) -> None:
         self.events = run / EVENTS
         self.text = run / LOG
+        self.enabled = is_main()  # one log per run, kept by rank 0
         self.echo = echo
         self.writer = None
         self._phase: str | None = None
         self._phase_start = self._global_step = 0
-        if tensorboard:
+        if tensorboard and self.enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
@@ -167,6 +172,8 @@ class EventLog:
             self.writer = SummaryWriter(log_dir=str(run / "tensorboard"))
 
     def event(self, kind: str, **data: Any) -> None:
+        if not self.enabled:
+            return
         record = {"time": round(time.time(), 3), "event": kind, **data}
         with open(self.events, "a") as fh:
             fh.write(json.dumps(record, default=_json_default) + "\n")
@@ -181,6 +188,8 @@ class EventLog:
             self.writer.flush()
 
     def info(self, message: str) -> None:
+        if not self.enabled:
+            return
         with open(self.text, "a") as fh:
             fh.write(f"{time.strftime('%H:%M:%S')} {message}\n")
         if self.echo:

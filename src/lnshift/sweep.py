@@ -4,7 +4,8 @@ Every cell is a run directory OUT/runs/<dataset>/<method>/<regime>/s<seed>. A `+
 reuses the run of its base method (`ln+auto` rescales `ln`'s run), so rescaled variants cost no extra
 training; a base run and its rescaled variants form one *unit*, and a unit is never split across
 shards, so concurrent shards never write the same directory. Results are rebuilt from the run
-directories alone (`collect`), so shards on different machines only need a shared OUT.
+directories alone (`collect`), so shards on different machines only need a shared OUT. Within one
+machine, `devices` worker processes (one per GPU) take whole units from a shared queue.
 """
 
 from __future__ import annotations
@@ -14,15 +15,20 @@ import dataclasses
 import io
 import json
 import math
+import multiprocessing
+import os
+import queue
 import re
 import shutil
 import statistics
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from . import rundir as rd
 from .config import FitConfig, environment, load_yaml
@@ -181,6 +187,8 @@ def _options(opts: Any, key: str, fail: Callable[[str, str], ConfigError]) -> di
     for name in opts:
         if name in SWEPT:
             raise fail(f"{key}.{name}", "is set per cell by the sweep (methods, regimes, seeds, out)")
+        if name == "devices":
+            raise fail(f"{key}.devices", "a sweep trains each cell on one GPU; use `lnshift sweep --devices N`")
         if name not in known:
             raise fail(f"{key}.{name}", "not a fit option (see `lnshift fit --help`, with underscores)")
     return dict(opts)
@@ -243,31 +251,37 @@ def shard_cells(all_cells: list[Cell], shard: tuple[int, int]) -> list[Cell]:
 # ---------------------------------------------------------------- running
 
 
-def run_sweep(sweep: Sweep, shard: tuple[int, int] | None = None, echo: Callable[[str], None] = print) -> Path:
+@dataclass(frozen=True)
+class Job:
+    """A unit to run: its trained run's id, its cells, and its place in the sweep for the log."""
+
+    label: str
+    unit: str
+    members: list[Cell]
+
+
+def run_sweep(
+    sweep: Sweep, shard: tuple[int, int] | None = None, echo: Callable[[str], None] = print, devices: int = 1
+) -> Path:
     """Run every unfinished cell (of one shard), then, without a shard, collect the results; returns OUT.
 
     A finished cell (DONE) is skipped, an interrupted training resumes from its checkpoint. A failing
-    unit does not stop the others; the failures are raised together at the end.
+    unit does not stop the others; the failures are raised together at the end. With `devices` > 1,
+    that many worker processes (one per GPU) take units from a shared queue.
     """
+    if devices < 1:
+        raise ConfigError(f"--devices must be >= 1, got {devices}")
     rd.write_text(sweep.out / SWEEP_COPY, sweep.text)
     todo = cells(sweep) if shard is None else shard_cells(cells(sweep), shard)
     units: dict[str, list[Cell]] = {}
     for cell in todo:
         units.setdefault(cell.unit, []).append(cell)
-    failed: dict[str, str] = {}
-    for k, (unit, members) in enumerate(units.items(), 1):
-        pending = [c for c in members if not rd.RunDir(sweep.run_dir(c.id)).done]
-        if not pending:
-            continue
-        start = time.time()
-        echo(f"[{k}/{len(units)}] {', '.join(c.id for c in pending)}")
-        try:
-            _run_unit(sweep, unit, members[0], pending, echo)
-        except Exception as e:  # one broken cell must not cost the rest of a long sweep
-            failed[unit] = f"{type(e).__name__}: {e}"
-            echo(traceback.format_exc())
-            continue
-        echo(f"[{k}/{len(units)}] {unit}: {time.time() - start:.1f} s")
+    jobs = [Job(f"[{k}/{len(units)}]", unit, members) for k, (unit, members) in enumerate(units.items(), 1)]
+    if devices == 1:
+        outcomes: Iterable[tuple[str, str | None]] = ((job.unit, _attempt(sweep, job, echo)) for job in jobs)
+    else:
+        outcomes = _spread(sweep, jobs, devices, echo)
+    failed = {unit: error for unit, error in outcomes if error is not None}
     if shard is None:
         collect(sweep, echo)
     else:
@@ -276,6 +290,89 @@ def run_sweep(sweep: Sweep, shard: tuple[int, int] | None = None, echo: Callable
         lines = "; ".join(f"{unit}: {msg}" for unit, msg in failed.items())
         raise RunDirError(f"{len(failed)} of {len(units)} runs failed (rerun the sweep to retry them): {lines}")
     return sweep.out
+
+
+def _attempt(sweep: Sweep, job: Job, echo: Callable[[str], None]) -> str | None:
+    """Run a unit's unfinished cells; returns the error, if any (one broken cell must not cost a long sweep)."""
+    pending = [c for c in job.members if not rd.RunDir(sweep.run_dir(c.id)).done]
+    if not pending:
+        return None
+    start = time.time()
+    echo(f"{job.label} {', '.join(c.id for c in pending)}")
+    try:
+        _run_unit(sweep, job.unit, job.members[0], pending, echo)
+    except Exception as e:
+        echo(traceback.format_exc())
+        return f"{type(e).__name__}: {e}"
+    echo(f"{job.label} {job.unit}: {time.time() - start:.1f} s")
+    return None
+
+
+def _spread(
+    sweep: Sweep, jobs: list[Job], devices: int, echo: Callable[[str], None]
+) -> Iterator[tuple[str, str | None]]:
+    """(unit, error) of every job, run by `devices` worker processes (one per GPU) that share one queue.
+
+    Without GPUs the workers run on the CPU (how the tests exercise this). Workers send their log lines
+    here, so `echo` is called in this process only.
+    """
+    gpus = _worker_gpus(devices, sweep)
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked processes
+    tasks, results = context.Queue(), context.Queue()
+    for job in [*jobs, *[None] * devices]:  # one None per worker: the end of the queue
+        tasks.put(job)
+    workers = [context.Process(target=_worker, args=(sweep, tasks, results)) for _ in gpus]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    for gpu, worker in zip(gpus, workers, strict=True):
+        if gpu is not None:  # a spawned process starts with this environment, before it imports torch
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+        worker.start()
+    if visible is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    else:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    left = {job.unit for job in jobs}
+    try:
+        while left:
+            try:
+                kind, unit, text = results.get(timeout=1)
+            except queue.Empty:
+                if any(w.is_alive() for w in workers) or not results.empty():
+                    continue
+                break
+            if kind == "echo":
+                echo(text)
+            else:
+                left.discard(unit)
+                yield unit, text
+        for unit in sorted(left):  # a worker died (killed, out of memory) with these units taken or queued
+            yield unit, "its worker process ended before finishing it"
+    finally:
+        for worker in workers:
+            worker.join(timeout=5)
+            if worker.is_alive():
+                worker.terminate()
+
+
+def _worker_gpus(devices: int, sweep: Sweep) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES of each worker (one GPU each); None for every worker on a machine without GPUs."""
+    if not torch.cuda.is_available():
+        return [None] * devices
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    if len(gpus) < devices:
+        raise ConfigError(f"--devices {devices}: only {len(gpus)} GPU(s) visible on this machine")
+    for key, options in [("base", sweep.base), *((f"datasets.{k}", v) for k, v in sweep.datasets.items())]:
+        if ":" in str(options.get("device", "")):
+            raise ConfigError(f"{sweep.path}: {key}.device: --devices gives each worker one GPU; do not pin one")
+    return gpus[:devices]
+
+
+def _worker(sweep: Sweep, tasks: Any, results: Any) -> None:
+    """A worker process: runs units from `tasks` until it takes None, on the one GPU it sees (cuda:0)."""
+    for job in iter(tasks.get, None):
+        error = _attempt(sweep, job, lambda text: results.put(("echo", None, text)))
+        results.put(("done", job.unit, error))
 
 
 def _run_unit(sweep: Sweep, unit: str, first: Cell, pending: list[Cell], echo: Callable[[str], None]) -> None:

@@ -29,6 +29,7 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.ops import roi_align
 
+from lnshift import distributed
 from lnshift.data.dataset import TRAIN_SCALE, ImageDataset, make_transform
 from lnshift.distributed import shard_bounds
 from lnshift.errors import ConfigError
@@ -288,10 +289,14 @@ class DeviceBatches:
             yield center_crop(self.images, idx), self.images.targets[idx]
 
 
-def eval_batches(dataset: ImageDataset | DeviceImages, batch_size: int, workers: int = 0) -> Sequence:
-    """Evaluation batches of either pipeline's split, in order."""
+def eval_batches(
+    dataset: ImageDataset | DeviceImages, batch_size: int, workers: int = 0, *, data_parallel: bool = False
+) -> Sequence:
+    """Evaluation batches of either pipeline's split, in order; this process's chunk when `data_parallel`."""
+    rank, world = (distributed.rank(), distributed.world()) if data_parallel else (0, 1)
     if isinstance(dataset, DeviceImages):
-        return DeviceBatches(dataset, batch_size, train=False)
+        return DeviceBatches(dataset, batch_size, train=False, rank=rank, world=world)
+    chunk = distributed.local_chunk(dataset) if data_parallel else dataset
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available()
+        chunk, batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available()
     )
