@@ -249,6 +249,7 @@ def environment() -> dict[str, str]:
     try:
         import torch
 
+        out["torch_threads"] = str(torch.get_num_threads())
         out["cuda"] = torch.version.cuda or "none"
         if torch.cuda.is_available():
             out["gpu"] = torch.cuda.get_device_name()

@@ -10,6 +10,7 @@ machine, `devices` worker processes (one per GPU) take whole units from a shared
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -322,15 +323,13 @@ def _spread(
     for job in [*jobs, *[None] * devices]:  # one None per worker: the end of the queue
         tasks.put(job)
     workers = [context.Process(target=_worker, args=(sweep, tasks, results)) for _ in gpus]
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    # a spawned process starts with this environment, before it imports torch: one GPU and a share
+    # of the cores each (as torchrun does); N processes of all-core OpenMP pools oversubscribe the
+    # machine, and spinning OpenMP threads then slow every process down many times
+    child_env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(worker_threads(devices))}
     for gpu, worker in zip(gpus, workers, strict=True):
-        if gpu is not None:  # a spawned process starts with this environment, before it imports torch
-            os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-        worker.start()
-    if visible is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = visible
-    else:
-        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        with _environ({**child_env, "CUDA_VISIBLE_DEVICES": gpu}):
+            worker.start()
     left = {job.unit for job in jobs}
     try:
         while left:
@@ -352,6 +351,26 @@ def _spread(
             worker.join(timeout=5)
             if worker.is_alive():
                 worker.terminate()
+
+
+def worker_threads(devices: int) -> int:
+    """CPU threads of each of `devices` sweep workers: an even share of the cores."""
+    return max(1, (os.cpu_count() or 1) // devices)
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str | None]) -> Iterator[None]:
+    """Set (or, for None, leave alone) environment variables for the duration of the block."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: v for k, v in values.items() if v is not None})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _worker_gpus(devices: int, sweep: Sweep) -> list[str | None]:
@@ -429,25 +448,26 @@ def collect(sweep: Sweep, echo: Callable[[str], None] | None = print) -> dict[st
         if cell.unit not in oracle:
             oracle[cell.unit] = _oracle_fsr(sweep, cell, trained)
         rows.append(_row(cell, run, trained, oracle[cell.unit]))
-    groups = summarize(rows)
     common = {"sweep_file": str(sweep.path), "sweep": sweep.raw, "seeds": sweep.seeds, "environment": environment()}
-    results = {
-        **common,
-        "run_environments": list(envs.values()),
-        "cells": len(all_cells),
-        "done": len(rows),
-        "missing": missing,
-        "rows": rows,
-    }
-    rd.write_json(sweep.out / "results.json", results)
-    rd.write_text(sweep.out / "results.csv", _csv(rows))
-    rd.write_json(sweep.out / "summary.json", {**common, "groups": groups})
-    keys = [k for k in _stat_keys(rows) if any(k in g["metrics"] for g in groups)]
-    rd.write_text(sweep.out / "summary.csv", _csv([_flat_group(g, keys) for g in groups]))
+    groups = write_tables(sweep.out, common, rows, missing, len(all_cells), list(envs.values()))
     if echo:
         echo(summary_table(groups))
         echo(f"{len(rows)} of {len(all_cells)} cells finished; results in {sweep.out}")
     return {"rows": rows, "summary": groups, "missing": missing}
+
+
+def write_tables(
+    out: Path, common: dict[str, Any], rows: list[dict[str, Any]], missing: list[str], n_cells: int, envs: list[dict]
+) -> list[dict[str, Any]]:
+    """results.csv/json (one row per finished cell) and summary.csv/json (mean +- std per group); returns the groups."""
+    groups = summarize(rows)
+    results = {**common, "run_environments": envs, "cells": n_cells, "done": len(rows), "missing": missing}
+    rd.write_json(out / "results.json", {**results, "rows": rows})
+    rd.write_text(out / "results.csv", _csv(rows))
+    rd.write_json(out / "summary.json", {**common, "groups": groups})
+    keys = [k for k in _stat_keys(rows) if any(k in g["metrics"] for g in groups)]
+    rd.write_text(out / "summary.csv", _csv([_flat_group(g, keys) for g in groups]))
+    return groups
 
 
 def _oracle_fsr(sweep: Sweep, cell: Cell, trained: rd.RunDir) -> tuple[float, float] | None:
