@@ -45,7 +45,7 @@ from lnshift.data import ImageDataset, open_source
 from lnshift.data.device import DeviceBatches, DeviceImages, to_device
 from lnshift.evaluate import autocast
 from lnshift.heads import Classifier, build_head
-from lnshift.loop import param_groups, set_trainable, train_step
+from lnshift.loop import param_groups, set_trainable, store_frozen, train_step
 from lnshift.strategies import StrategyOptions, get_strategy
 
 NUM_CLASSES = 100
@@ -179,10 +179,8 @@ def lnshift_train(
     frozen_bf16: bool = False,
 ) -> tuple[dict, dict[str, torch.Tensor], int]:
     model, names = lnshift_model(args, name, device)
-    if frozen_bf16:  # frozen weights stored in bf16: the residual stream and saved activations stay bf16
-        for p in model.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(torch.bfloat16)
+    if frozen_bf16:  # what `lnshift fit --frozen-dtype bf16` does
+        store_frozen(model, names, torch.bfloat16)
     optimizer = torch.optim.AdamW(param_groups(model, names, 0.05, False), lr=1e-3)
     forward = torch.compile(model) if compiled else model
     loss_fn = nn.CrossEntropyLoss()

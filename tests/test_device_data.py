@@ -208,3 +208,29 @@ def test_fast_path_trains_the_same_layernorms_as_the_plain_path(tmp_path):
 def _fit(out, *extra):
     assert main(["fit", "--out", str(out), *TINY, *DATA, *extra]) == 0
     return out
+
+
+def test_frozen_weights_in_bf16_train_and_reload(tmp_path):
+    """--frozen-dtype bf16: frozen weights stored in bf16, trained tensors float32, the saved run reloads as trained."""
+    from lnshift.evaluate import evaluate
+    from lnshift.fit import loader, prepare_data
+    from lnshift.saved_run import load_run
+
+    out = _fit(tmp_path / "bf16", "--precision", "bf16", "--frozen-dtype", "bf16", "--input-pipeline", "device")
+    adapter = load_file(out / rd.ADAPTER)
+    assert all(t.dtype == torch.float32 for t in adapter.values())
+    assert "frozen weights stored in bf16" in (out / "train.log").read_text()
+    saved = load_run(out)
+    dtypes = {n: p.dtype for n, p in saved.model.named_parameters()}
+    assert {dtypes[n] for n in adapter} == {torch.float32}
+    assert {d for n, d in dtypes.items() if n not in adapter} == {torch.bfloat16}
+    data = prepare_data(saved.cfg, saved.model.backbone.data_config)
+    val = evaluate(
+        saved.model, loader(data.val, saved.cfg, train=False), len(data.classes), torch.device("cpu"), "bf16"
+    )
+    assert val["accuracy"] == json.loads((out / rd.METRICS).read_text())["val"]["accuracy"]
+
+
+def test_frozen_bf16_without_bf16_autocast_is_refused(capsys):
+    assert main(["fit", *TINY, "--frozen-dtype", "bf16", "--precision", "fp32"]) == 2
+    assert "--frozen-dtype bf16 needs bf16 autocast" in capsys.readouterr().err

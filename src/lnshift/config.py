@@ -90,6 +90,11 @@ class FitConfig:
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
     devices: int = _opt(1, "GPUs of this machine to train on, data-parallel via torchrun (docs/distributed.md)")
     precision: str = _opt("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32")
+    frozen_dtype: str = _opt(
+        "fp32",
+        "storage of the weights that never train: fp32 or bf16 (with bf16 autocast only; the residual stream "
+        "then stays bf16: ~6 %% faster ViT-B LN tuning and ~18 %% less memory on an H200)",
+    )
     workers: int = _opt(2, "data-loading worker processes (input pipeline 'workers')")
     input_pipeline: str = _opt(
         "auto",
@@ -128,6 +133,10 @@ class FitConfig:
             raise ConfigError(f"--select must be 'best' or 'last', got {self.select!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.frozen_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"--frozen-dtype must be fp32 or bf16, got {self.frozen_dtype!r}")
+        if self.frozen_dtype == "bf16" and self.precision == "fp32":
+            raise ConfigError("--frozen-dtype bf16 needs bf16 autocast: --precision bf16 or auto (on a GPU)")
         if self.lambda_target not in ("gamma", "beta", "both"):
             raise ConfigError(f"--lambda-target must be gamma, beta or both, got {self.lambda_target!r}")
         if self.lam is not None:

@@ -36,11 +36,11 @@ from .data import (
 from .data.builtin import resolve_spec
 from .data.device import DeviceBatches, DeviceImages, estimated_bytes, to_device
 from .errors import ConfigError, DataError, RunDirError
-from .evaluate import evaluate, resolve_device
+from .evaluate import evaluate, resolve_device, uses_bf16
 from .fsr_runs import estimate_fsr
 from .heads import Classifier, build_head
 from .lambdas import lambda_record, parse_grid, select_lambda
-from .loop import PhasePlan, PhaseState, restore, run_phase, seed_everything, snapshot
+from .loop import PhasePlan, PhaseState, restore, run_phase, seed_everything, snapshot, store_frozen
 from .phases import phases_for, split_budget
 from .shift import ShiftReport, layer_shift, rescale
 from .strategies import StrategyOptions, get_strategy, norm_module_names
@@ -320,6 +320,10 @@ def _fit(cfg: FitConfig, device: torch.device, echo: Callable[[str], None] | Non
     steps_per_epoch = -(-epoch_samples(data.train, cfg) // cfg.batch_size)
     plans = plan_phases(model, cfg, steps_per_epoch)
     names = trained_names(plans)
+    if cfg.frozen_dtype == "bf16":
+        if not uses_bf16(device, cfg.precision):
+            raise ConfigError("--frozen-dtype bf16 needs bf16 autocast: --precision bf16, or auto on a GPU")
+        log.info(f"frozen weights stored in bf16: {store_frozen(model, names, torch.bfloat16):,} values")
     norms = norm_module_names(model, strategy_options(cfg))
     meta = {
         "norms": norms,

@@ -67,6 +67,22 @@ def set_trainable(model: nn.Module, names: list[str]) -> list[nn.Parameter]:
     return [params[n] for n in names]
 
 
+def store_frozen(model: nn.Module, trained: list[str], dtype: torch.dtype) -> int:
+    """Keep every parameter outside `trained` in `dtype`; returns how many values changed storage.
+
+    Under bf16 autocast the matrix products read bf16 anyway; frozen weights stored in bf16 also keep
+    the residual stream and the saved activations in bf16, which saves memory traffic. Trained
+    tensors stay float32, so AdamW's small updates are not rounded away.
+    """
+    keep = set(trained)
+    changed = 0
+    for name, p in model.named_parameters():
+        if name not in keep and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            changed += p.numel()
+    return changed
+
+
 def param_groups(
     model: nn.Module | Mapping[str, nn.Parameter],
     names: list[str],

@@ -20,13 +20,13 @@ from .config import FitConfig
 from .data import ImageDataset, check_classes, make_transform
 from .data.device import to_device
 from .errors import RunDirError
-from .evaluate import evaluate, resolve_device
+from .evaluate import evaluate, resolve_device, uses_bf16
 from .fit import Images, build_model, evaluate_all, load_configured_backbone, loader, open_spec
 from .fsr import FSRReport, oracle_fsr
 from .fsr_runs import estimate_fsr
 from .heads import Classifier, LinearHead
 from .lambdas import lambda_record, parse_grid, select_lambda
-from .loop import restore
+from .loop import restore, store_frozen
 from .shift import ShiftReport, layer_shift, rescale
 
 
@@ -53,7 +53,10 @@ def load_run(path: str | Path, device: str = "cpu") -> SavedRun:
     if unknown:
         raise RunDirError(f"{run / rd.ADAPTER}: tensors not in the rebuilt model: {unknown[:5]}")
     restore(model, adapter)
-    model.eval().to(resolve_device(device))
+    dev = resolve_device(device)
+    if cfg.frozen_dtype == "bf16" and uses_bf16(dev, cfg.precision):  # as it was trained and evaluated
+        store_frozen(model, list(adapter), torch.bfloat16)
+    model.eval().to(dev)
     return SavedRun(run, cfg, model, meta["classes"], meta["norms"], base, adapter)
 
 
