@@ -45,7 +45,9 @@ FULL = {
     "train_per_class": 1024,  # 8192 images: 32 steps of 256 per epoch
     "batch_size": 256,
     "epochs": 4,
-    "sweep_steps": 30,
+    "sweep_steps": 100,  # 12 units of ~10 s: enough work that the workers' start-up does not decide
+    "sweep_methods": ["lp", "ln", "lp-ln"],
+    "sweep_seeds": [0, 1, 2, 3],
 }
 SMOKE = {
     "options": {"model": "lnshift/test-vit", "model_kwargs": {"img_size": 32, "patch_size": 8}, "device": "cpu"},
@@ -54,6 +56,8 @@ SMOKE = {
     "batch_size": 16,
     "epochs": 3,
     "sweep_steps": 2,
+    "sweep_methods": ["lp", "ln"],
+    "sweep_seeds": [0, 1],
 }
 
 
@@ -177,9 +181,9 @@ def check(work: Path, spec: dict, smoke: bool) -> dict:
             "augment": "none",
         },
         "datasets": {"synthetic": {"train": str(work / "data" / "train"), "val": str(work / "data" / "val")}},
-        "methods": ["lp", "ln"],
+        "methods": spec["sweep_methods"],
         "regimes": [{"fraction": 0.5}],
-        "seeds": [0, 1],
+        "seeds": spec["sweep_seeds"],
     }
     sweep_seconds = {}
     for n in (1, 2):
@@ -198,6 +202,7 @@ def check(work: Path, spec: dict, smoke: bool) -> dict:
         "throughput_img_s": {"1": speed[1], "2": speed[2], "speedup": speed[2] / speed[1]},
         "fit_wall_s": {"1": seconds[1], "2": seconds[2]},
         "sweep_wall_s": {"1": sweep_seconds[1], "2": sweep_seconds[2], "speedup": sweep_seconds[1] / sweep_seconds[2]},
+        "sweep_units": len(spec["sweep_methods"]) * len(spec["sweep_seeds"]),
         "sweep_cells": results[0]["done"],
         "sweep_tables_equal": tables[0] == tables[1],
         "seconds": time.perf_counter() - start,

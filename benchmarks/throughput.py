@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -81,6 +82,7 @@ def sync(device: torch.device) -> None:
 
 
 def reset_memory(device: torch.device) -> None:
+    gc.collect()  # free an earlier variant's model before its memory is counted against this one
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

@@ -252,6 +252,8 @@ def loader(
     """Training: this process's slices of the global batches. Evaluation: its chunk of the split (distributed.py)."""
     if isinstance(dataset, DeviceImages):
         size = cfg.batch_size if train else cfg.eval_batch_size
+        if train and size < dist.world():  # the device pipeline gives every process a slice of each batch
+            raise ConfigError(f"--batch-size {size} is smaller than the {dist.world()} data-parallel processes")
         samples = epoch_samples(dataset, cfg) if train else None
         return DeviceBatches(
             dataset, size, train=train, num_samples=samples, generator=generator, rank=dist.rank(), world=dist.world()
