@@ -154,24 +154,25 @@ def test_sweep_on_two_workers_gives_the_same_table_as_one(tmp_path):
         "seeds": [0, 1],
     }
     tables, errors = [], []
-    for devices in (1, 2):
-        path = tmp_path / f"sweep{devices}.yaml"
-        path.write_text(yaml.safe_dump({"out": str(tmp_path / f"out{devices}"), **spec}))
+    for devices, per_device in ((1, 1), (2, 1), (1, 2)):
+        path = tmp_path / f"sweep{devices}x{per_device}.yaml"
+        path.write_text(yaml.safe_dump({"out": str(tmp_path / f"out{devices}x{per_device}"), **spec}))
         sweep = sw.load_sweep(path)
         with pytest.raises(RunDirError) as failed:
-            sw.run_sweep(sweep, echo=lambda _: None, devices=devices)
+            sw.run_sweep(sweep, echo=lambda _: None, devices=devices, per_device=per_device)
         errors.append(str(failed.value))
         results = json.loads((sweep.out / "results.json").read_text())
         tables.append([{k: v for k, v in row.items() if k != "run"} for row in results["rows"]])
     # the same cells and, up to float rounding of different thread counts, the same numbers
     assert len(tables[0]) == 2 * 2  # lp and ln+auto x 2 seeds of mini
-    for a, b in zip(tables[0], tables[1], strict=True):
-        assert a.keys() == b.keys()
-        for k in a:
-            number = isinstance(a[k], float) and isinstance(b[k], float)
-            assert b[k] == (pytest.approx(a[k], rel=1e-4, abs=1e-6) if number else a[k]), k
+    for other in tables[1:]:
+        for a, b in zip(tables[0], other, strict=True):
+            assert a.keys() == b.keys()
+            for k in a:
+                number = isinstance(a[k], float) and isinstance(b[k], float)
+                assert b[k] == (pytest.approx(a[k], rel=1e-4, abs=1e-6) if number else a[k]), k
     # each of the 2 workers ran with its share of the cores, not a pool of all of them
-    config = yaml.safe_load(next((tmp_path / "out2").rglob("config.yaml")).read_text())
+    config = yaml.safe_load(next((tmp_path / "out2x1").rglob("config.yaml")).read_text())
     expected = os.environ.get("OMP_NUM_THREADS") or str(sw.worker_threads(2))
     assert config["environment"]["torch_threads"] == expected
     for message in errors:  # the broken dataset's 4 units fail alike, the others finish

@@ -236,7 +236,14 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
     how.add_argument("--shard", metavar="I/N", help="run only the I-th of N disjoint slices (e.g. a Slurm array task)")
     how.add_argument("--collect", action="store_true", help="only rebuild the results tables from finished runs")
     p.add_argument(
-        "--devices", type=int, default=1, metavar="N", help="run N cells at a time, one per GPU (default: 1)"
+        "--devices", type=int, default=1, metavar="N", help="run cells on N GPUs at a time, one each (default: 1)"
+    )
+    p.add_argument(
+        "--per-device",
+        type=int,
+        default=1,
+        metavar="K",
+        help="worker processes per GPU (default: 1); small models leave a GPU idle, so K > 1 shares it",
     )
 
 
@@ -246,11 +253,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     sweep = load_sweep(args.file)
     if args.collect:
-        if args.devices != 1:
-            raise ConfigError("--collect trains nothing; it takes no --devices")
+        if args.devices != 1 or args.per_device != 1:
+            raise ConfigError("--collect trains nothing; it takes no --devices or --per-device")
         collect(sweep)
     else:
-        run_sweep(sweep, shard=parse_shard(args.shard) if args.shard else None, devices=args.devices)
+        shard = parse_shard(args.shard) if args.shard else None
+        run_sweep(sweep, shard=shard, devices=args.devices, per_device=args.per_device)
     return 0
 
 

@@ -262,26 +262,31 @@ class Job:
 
 
 def run_sweep(
-    sweep: Sweep, shard: tuple[int, int] | None = None, echo: Callable[[str], None] = print, devices: int = 1
+    sweep: Sweep,
+    shard: tuple[int, int] | None = None,
+    echo: Callable[[str], None] = print,
+    devices: int = 1,
+    per_device: int = 1,
 ) -> Path:
     """Run every unfinished cell (of one shard), then, without a shard, collect the results; returns OUT.
 
     A finished cell (DONE) is skipped, an interrupted training resumes from its checkpoint. A failing
-    unit does not stop the others; the failures are raised together at the end. With `devices` > 1,
-    that many worker processes (one per GPU) take units from a shared queue.
+    unit does not stop the others; the failures are raised together at the end. With more than one
+    worker (`devices` GPUs x `per_device` processes each) the workers take units from a shared queue:
+    a small model leaves a GPU mostly idle, so several of its cells can share one.
     """
-    if devices < 1:
-        raise ConfigError(f"--devices must be >= 1, got {devices}")
+    if devices < 1 or per_device < 1:
+        raise ConfigError(f"--devices and --per-device must be >= 1, got {devices} and {per_device}")
     rd.write_text(sweep.out / SWEEP_COPY, sweep.text)
     todo = cells(sweep) if shard is None else shard_cells(cells(sweep), shard)
     units: dict[str, list[Cell]] = {}
     for cell in todo:
         units.setdefault(cell.unit, []).append(cell)
     jobs = [Job(f"[{k}/{len(units)}]", unit, members) for k, (unit, members) in enumerate(units.items(), 1)]
-    if devices == 1:
+    if devices * per_device == 1:
         outcomes: Iterable[tuple[str, str | None]] = ((job.unit, _attempt(sweep, job, echo)) for job in jobs)
     else:
-        outcomes = _spread(sweep, jobs, devices, echo)
+        outcomes = _spread(sweep, jobs, devices, per_device, echo)
     failed = {unit: error for unit, error in outcomes if error is not None}
     if shard is None:
         collect(sweep, echo)
@@ -310,23 +315,23 @@ def _attempt(sweep: Sweep, job: Job, echo: Callable[[str], None]) -> str | None:
 
 
 def _spread(
-    sweep: Sweep, jobs: list[Job], devices: int, echo: Callable[[str], None]
+    sweep: Sweep, jobs: list[Job], devices: int, per_device: int, echo: Callable[[str], None]
 ) -> Iterator[tuple[str, str | None]]:
-    """(unit, error) of every job, run by `devices` worker processes (one per GPU) that share one queue.
+    """(unit, error) of every job, run by `per_device` worker processes on each of `devices` GPUs, sharing one queue.
 
     Without GPUs the workers run on the CPU (how the tests exercise this). Workers send their log lines
     here, so `echo` is called in this process only.
     """
-    gpus = _worker_gpus(devices, sweep)
+    gpus = [gpu for gpu in _worker_gpus(devices, sweep) for _ in range(per_device)]
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked processes
     tasks, results = context.Queue(), context.Queue()
-    for job in [*jobs, *[None] * devices]:  # one None per worker: the end of the queue
+    for job in [*jobs, *[None] * len(gpus)]:  # one None per worker: the end of the queue
         tasks.put(job)
     workers = [context.Process(target=_worker, args=(sweep, tasks, results)) for _ in gpus]
     # a spawned process starts with this environment, before it imports torch: one GPU and a share
     # of the cores each (as torchrun does); N processes of all-core OpenMP pools oversubscribe the
     # machine, and spinning OpenMP threads then slow every process down many times
-    child_env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(worker_threads(devices))}
+    child_env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(worker_threads(len(gpus)))}
     for gpu, worker in zip(gpus, workers, strict=True):
         with _environ({**child_env, "CUDA_VISIBLE_DEVICES": gpu}):
             worker.start()
@@ -353,9 +358,9 @@ def _spread(
                 worker.terminate()
 
 
-def worker_threads(devices: int) -> int:
-    """CPU threads of each of `devices` sweep workers: an even share of the cores."""
-    return max(1, (os.cpu_count() or 1) // devices)
+def worker_threads(workers: int) -> int:
+    """CPU threads of each of `workers` sweep worker processes: an even share of the cores."""
+    return max(1, (os.cpu_count() or 1) // workers)
 
 
 @contextlib.contextmanager
