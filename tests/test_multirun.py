@@ -1,9 +1,6 @@
 """Batched multi-run training: R runs in one batch equal the same runs trained one by one with loop.run_phase."""
 
-import subprocess
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +15,6 @@ from lnshift.multirun import initial_states, run_logits, train_alone, train_runs
 TINY = {"img_size": 32, "patch_size": 8}
 CPU = torch.device("cpu")
 RUNS, BATCH, CLASSES = 3, 4, 3
-SWEEP_COST = Path(__file__).resolve().parents[1] / "benchmarks" / "sweep_cost.py"
 
 
 @pytest.fixture(scope="module")
@@ -139,13 +135,3 @@ def test_refuses_what_it_cannot_batch(backbone, change, message):
     cfg = replace(config(), **change)
     with pytest.raises(ConfigError, match=message):
         train_runs(build_model(cfg, backbone, CLASSES), [], batch, cfg, CPU)
-
-
-def test_sweep_cost_smoke_prints_its_table(tmp_path):
-    out = tmp_path / "cost.json"
-    done = subprocess.run(
-        [sys.executable, str(SWEEP_COST), "--smoke", "--out", str(out)], capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    assert "(b) / (c)" in done.stdout and "max |batched - one by one|" in done.stdout
-    assert out.exists()
