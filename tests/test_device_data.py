@@ -15,6 +15,7 @@ from lnshift.data import ImageDataset, make_transform, open_source
 from lnshift.data import device as dd
 from lnshift.data.builtin import resolve_spec
 from lnshift.distributed import shard_bounds
+from lnshift.errors import ConfigError
 from tiny import TINY
 
 CONFIG = {
@@ -234,3 +235,20 @@ def test_frozen_weights_in_bf16_train_and_reload(tmp_path):
 def test_frozen_bf16_without_bf16_autocast_is_refused(capsys):
     assert main(["fit", *TINY, "--frozen-dtype", "bf16", "--precision", "fp32"]) == 2
     assert "--frozen-dtype bf16 needs bf16 autocast" in capsys.readouterr().err
+
+
+def test_images_reach_the_device_in_chunks_with_the_same_result(photos):
+    preprocess = dd.eval_preprocess(CONFIG)
+    whole = dd.preprocessed_images(photos, preprocess, "k", 2, torch.device("cpu"))
+    chunked = dd.preprocessed_images(photos, preprocess, "k", 2, torch.device("cpu"), chunk=3)
+    assert len(photos) > 3 and whole.shape == (len(photos), 3, 32, 32) and torch.equal(whole, chunked)
+
+
+def test_images_of_different_sizes_are_refused(photos):
+    sizes = iter([8, 16] * len(photos))
+
+    def ragged(image):
+        return dd.transforms.PILToTensor()(image.resize((next(sizes), 8)))
+
+    with pytest.raises(ConfigError, match="different sizes"):
+        dd.preprocessed_images(photos, ragged, "ragged", 1, torch.device("cpu"), chunk=1)

@@ -128,9 +128,18 @@ class DeviceImages:
 
 
 def preprocessed_images(
-    dataset: ImageDataset, preprocess: Callable[[Image.Image], torch.Tensor], key: str, threads: int
+    dataset: ImageDataset,
+    preprocess: Callable[[Image.Image], torch.Tensor],
+    key: str,
+    threads: int,
+    device: torch.device,
+    chunk: int = 1024,
 ) -> torch.Tensor:
-    """uint8 (N, 3, H, W) of the dataset's images, decoded in threads (PIL releases the GIL) and cached."""
+    """uint8 (N, 3, H, W) of the dataset's images on `device`, decoded in threads (PIL releases the GIL).
+
+    Images go to the device a chunk at a time, so the host never holds the whole split at once; each
+    preprocessed image is also kept in the process-wide CACHE.
+    """
     source = dataset.source
 
     def one(i: int) -> torch.Tensor:
@@ -141,14 +150,22 @@ def preprocessed_images(
             CACHE.put(cache_key, image)
         return image
 
-    if not dataset.indices:
-        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+    indices = dataset.indices
+    if not indices:
+        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8, device=device)
+    out: torch.Tensor | None = None
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        images = list(pool.map(one, dataset.indices))
-    shapes = {tuple(t.shape) for t in images}
-    if len(shapes) > 1:
-        raise ConfigError(f"{source.spec}: preprocessing gave images of different sizes {sorted(shapes)[:3]}")
-    return torch.stack(images)
+        for lo in range(0, len(indices), chunk):
+            images = list(pool.map(one, indices[lo : lo + chunk]))
+            if out is None:
+                out = torch.empty((len(indices), *images[0].shape), dtype=torch.uint8, device=device)
+            odd = [tuple(t.shape) for t in images if t.shape != out.shape[1:]]
+            if odd:
+                raise ConfigError(
+                    f"{source.spec}: preprocessing gave images of different sizes {tuple(out.shape[1:])} and {odd[0]}"
+                )
+            out[lo : lo + len(images)] = torch.stack(images).to(device)
+    return out
 
 
 def decode_threads() -> int:
@@ -161,11 +178,9 @@ def to_device(
 ) -> DeviceImages:
     """The device version of an ImageDataset (its `split` tag travels along)."""
     preprocess = train_preprocess(data_config) if crops else eval_preprocess(data_config)
-    images = preprocessed_images(dataset, preprocess, repr(preprocess), threads or decode_threads())
-    targets = torch.tensor(dataset.targets, dtype=torch.long)
-    return DeviceImages(
-        images.to(device), targets.to(device), data_config, crops=crops, split=getattr(dataset, "split", None)
-    )
+    images = preprocessed_images(dataset, preprocess, repr(preprocess), threads or decode_threads(), device)
+    targets = torch.tensor(dataset.targets, dtype=torch.long, device=device)
+    return DeviceImages(images, targets, data_config, crops=crops, split=getattr(dataset, "split", None))
 
 
 def estimated_bytes(n_images: int, data_config: dict, *, crops: bool) -> int:
