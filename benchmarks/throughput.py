@@ -51,6 +51,9 @@ from lnshift.strategies import StrategyOptions, get_strategy
 
 NUM_CLASSES = 100
 PROFILED_STEPS = 3
+# lnshift's training variants: eager, torch.compile, + cuDNN attention first, + frozen weights in bf16,
+# + inductor's autotuned GEMM templates (which can fuse bias / GELU / residual epilogues; slow to compile)
+TRAIN_VARIANTS = ("plain", "compiled", "compiled-cudnn", "compiled-bf16", "compiled-bf16-autotune")
 
 
 def write_jpegs(folder: Path, n: int, side: int, seed: int = 0) -> None:
@@ -179,13 +182,14 @@ def lnshift_train(
     device: torch.device,
     compiled: bool,
     frozen_bf16: bool = False,
+    compile_mode: str | None = None,
 ) -> tuple[dict, dict[str, torch.Tensor], int]:
     model, names = lnshift_model(args, name, device)
     if frozen_bf16:  # what `lnshift fit --frozen-dtype bf16` does
         store_frozen(model, names, torch.bfloat16)
     optimizer = torch.optim.AdamW(param_groups(model, names, 0.05, False), lr=1e-3)
-    forward = torch.compile(model) if compiled else model
-    loss_fn = nn.CrossEntropyLoss()
+    forward = torch.compile(model, mode=compile_mode) if compiled else model
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")  # train_step takes the mean over the global batch
     n = args.warmup + args.steps + PROFILED_STEPS
     batches = iter(
         DeviceBatches(
@@ -262,11 +266,17 @@ def bench_model(args: argparse.Namespace, name: str, folder: Path, device: torch
     tuned: dict[str, dict] = {}
     if "reference" in args.variants:
         rows["reference"] = reference(args, name, folder, device)
-    for variant, compiled in (("plain", False), ("compiled", True), ("compiled-cudnn", True), ("compiled-bf16", True)):
+    for variant in TRAIN_VARIANTS:
         if variant in args.variants:
-            with cudnn_attention() if variant.endswith("cudnn") else contextlib.nullcontext():
+            with cudnn_attention() if "cudnn" in variant else contextlib.nullcontext():
                 rows[variant], tuned[variant], _ = lnshift_train(
-                    args, name, images, device, compiled, frozen_bf16=variant.endswith("bf16")
+                    args,
+                    name,
+                    images,
+                    device,
+                    compiled=variant != "plain",
+                    frozen_bf16="bf16" in variant,
+                    compile_mode="max-autotune-no-cudagraphs" if "autotune" in variant else None,
                 )
     for variant, compiled in (("eval", False), ("eval-compiled", True)):
         if variant in args.variants:
