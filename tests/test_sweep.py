@@ -200,3 +200,16 @@ def test_bad_sweep_files_name_the_key_and_file(tmp_path, change, key):
     with pytest.raises(ConfigError) as err:
         sw.load_sweep(path)
     assert f"{path}: {key}" in str(err.value)
+
+
+def test_datasets_option_runs_only_those_cells(tmp_path, monkeypatch):
+    data = spec(tmp_path / "out")
+    data["datasets"]["other"] = {"train": "builtin:pacs-mini/cartoon"}
+    data["methods"], data["regimes"], data["seeds"] = ["lp"], [{"shots": 2}], [0]
+    sweep = sw.load_sweep(write(tmp_path / "s.yaml", data))
+    trained = []
+    monkeypatch.setattr(sw, "_run_unit", lambda sweep, unit, *a: trained.append(unit))
+    sw.run_sweep(sweep, echo=quiet, datasets=["other"])
+    assert trained == ["other/lp/shots2/s0"]
+    with pytest.raises(ConfigError, match="--datasets nope: not in"):
+        sw.run_sweep(sweep, echo=quiet, datasets=["nope"])

@@ -245,6 +245,7 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
         metavar="K",
         help="worker processes per GPU (default: 1); small models leave a GPU idle, so K > 1 shares it",
     )
+    p.add_argument("--datasets", metavar="A,B", help="run only these datasets' cells (default: all)")
 
 
 @command("sweep", "run a benchmark grid, restartable, with one results table", _sweep_options)
@@ -253,12 +254,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     sweep = load_sweep(args.file)
     if args.collect:
-        if args.devices != 1 or args.per_device != 1:
-            raise ConfigError("--collect trains nothing; it takes no --devices or --per-device")
+        if args.devices != 1 or args.per_device != 1 or args.datasets:
+            raise ConfigError("--collect trains nothing; it takes no --devices, --per-device or --datasets")
         collect(sweep)
     else:
         shard = parse_shard(args.shard) if args.shard else None
-        run_sweep(sweep, shard=shard, devices=args.devices, per_device=args.per_device)
+        datasets = args.datasets.split(",") if args.datasets else None
+        run_sweep(sweep, shard=shard, devices=args.devices, per_device=args.per_device, datasets=datasets)
     return 0
 
 

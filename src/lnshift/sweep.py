@@ -267,18 +267,27 @@ def run_sweep(
     echo: Callable[[str], None] = print,
     devices: int = 1,
     per_device: int = 1,
+    datasets: list[str] | None = None,
 ) -> Path:
     """Run every unfinished cell (of one shard), then, without a shard, collect the results; returns OUT.
 
     A finished cell (DONE) is skipped, an interrupted training resumes from its checkpoint. A failing
     unit does not stop the others; the failures are raised together at the end. With more than one
     worker (`devices` GPUs x `per_device` processes each) the workers take units from a shared queue:
-    a small model leaves a GPU mostly idle, so several of its cells can share one.
+    a small model leaves a GPU mostly idle, so several of its cells can share one. `datasets` limits the
+    run to those datasets' cells (the results tables still cover, and list as missing, every cell).
     """
     if devices < 1 or per_device < 1:
         raise ConfigError(f"--devices and --per-device must be >= 1, got {devices} and {per_device}")
     rd.write_text(sweep.out / SWEEP_COPY, sweep.text)
     todo = cells(sweep) if shard is None else shard_cells(cells(sweep), shard)
+    if datasets is not None:
+        unknown = sorted(set(datasets) - set(sweep.datasets))
+        if unknown:
+            raise ConfigError(
+                f"--datasets {','.join(unknown)}: not in {sweep.path} (it has {', '.join(sweep.datasets)})"
+            )
+        todo = [c for c in todo if c.dataset in datasets]
     units: dict[str, list[Cell]] = {}
     for cell in todo:
         units.setdefault(cell.unit, []).append(cell)
