@@ -252,3 +252,18 @@ def test_images_of_different_sizes_are_refused(photos):
 
     with pytest.raises(ConfigError, match="different sizes"):
         dd.preprocessed_images(photos, ragged, "ragged", 1, torch.device("cpu"), chunk=1)
+
+
+def test_auto_pipeline_uses_the_device_when_the_images_fit_its_share_of_free_memory(monkeypatch):
+    from types import SimpleNamespace
+
+    from lnshift.config import FitConfig
+    from lnshift.fit import DEVICE_DATA_SHARE_ENV, input_pipeline
+
+    data = SimpleNamespace(named=lambda: {"train": [0] * 10})  # 10 x 3 x 64 x 64 = 122,880 bytes to hold
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (200_000, 10**9))
+    cfg, gpu = FitConfig(), torch.device("cuda")
+    assert input_pipeline(cfg, data, gpu, CONFIG) == "workers"  # over half of the free memory
+    monkeypatch.setenv(DEVICE_DATA_SHARE_ENV, "0.9")
+    assert input_pipeline(cfg, data, gpu, CONFIG) == "device"
+    assert input_pipeline(cfg, data, torch.device("cpu"), CONFIG) == "workers"

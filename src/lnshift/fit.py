@@ -5,6 +5,7 @@ The run directory it writes (see rundir.py) is all that evaluation, shift, FSR, 
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -50,8 +51,10 @@ RESUME_FREE = {
     "out", "resume", "overwrite", "progress", "workers", "device", "devices", "eval_batch_size", "tensorboard",
     "compile",
 }  # fmt: skip
-# the device pipeline may hold at most this share of the GPU's free memory; beyond it `auto` uses workers
+# the device pipeline may hold at most this share of the GPU's free memory; beyond it `auto` uses workers.
+# Processes that share a GPU (`lnshift sweep --per-device K`) get a K-th of it through this variable.
 DEVICE_DATA_SHARE = 0.5
+DEVICE_DATA_SHARE_ENV = "LNSHIFT_DEVICE_DATA_SHARE"
 
 
 Images = ImageDataset | DeviceImages  # one split in the workers or the device input pipeline
@@ -183,7 +186,8 @@ def input_pipeline(cfg: FitConfig, data: Data, device: torch.device, data_config
         estimated_bytes(len(ds), data_config, crops=name == "train" and cfg.augment != "none")
         for name, ds in data.named().items()
     )
-    return "device" if need < DEVICE_DATA_SHARE * torch.cuda.mem_get_info(device)[0] else "workers"
+    share = float(os.environ.get(DEVICE_DATA_SHARE_ENV, DEVICE_DATA_SHARE))
+    return "device" if need < share * torch.cuda.mem_get_info(device)[0] else "workers"
 
 
 def load_images(data: Data, cfg: FitConfig, device: torch.device, data_config: dict, pipeline: str) -> Data:

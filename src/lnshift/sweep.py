@@ -34,7 +34,7 @@ import torch
 from . import rundir as rd
 from .config import FitConfig, environment, load_yaml
 from .errors import ConfigError, RunDirError
-from .fit import RESUME_FREE, fit
+from .fit import DEVICE_DATA_SHARE, DEVICE_DATA_SHARE_ENV, RESUME_FREE, fit
 from .phases import METHODS
 from .saved_run import estimate_fsr_of_run, fsr_of_run, rescale_run, run_budget
 
@@ -340,7 +340,10 @@ def _spread(
     # a spawned process starts with this environment, before it imports torch: one GPU and a share
     # of the cores each (as torchrun does); N processes of all-core OpenMP pools oversubscribe the
     # machine, and spinning OpenMP threads then slow every process down many times
-    child_env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(worker_threads(len(gpus)))}
+    child_env = {
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(worker_threads(len(gpus))),
+        DEVICE_DATA_SHARE_ENV: str(DEVICE_DATA_SHARE / per_device),  # workers of one GPU share its memory
+    }
     for gpu, worker in zip(gpus, workers, strict=True):
         with _environ({**child_env, "CUDA_VISIBLE_DEVICES": gpu}):
             worker.start()
