@@ -66,3 +66,22 @@ def test_unknown_key_in_file(tmp_path):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="not found"):
         parse(["--config", "/nonexistent.yaml"])
+
+
+def test_a_run_saved_before_newer_options_compares_as_it_behaved(tmp_path):
+    """config.yaml of an older lnshift lacks newer options: they compare as that version behaved."""
+    from lnshift import rundir as rd
+    from lnshift.errors import RunDirError
+    from lnshift.fit import check_resume
+
+    old = FitConfig().to_dict()
+    for newer in ("input_pipeline", "compile", "frozen_dtype", "devices"):
+        del old[newer]
+    run = rd.RunDir(tmp_path / "run")
+    run.prepare(resume=False, overwrite=False)
+    rd.write_yaml(run / rd.CONFIG, {"fit": old})
+    check_resume(run, FitConfig(input_pipeline="workers"))  # what older versions did: no error
+    with pytest.raises(RunDirError, match="input_pipeline"):
+        check_resume(run, FitConfig(input_pipeline="device"))
+    with pytest.raises(RunDirError, match="frozen_dtype"):
+        check_resume(run, FitConfig(input_pipeline="workers", frozen_dtype="bf16", precision="bf16"))

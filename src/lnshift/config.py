@@ -173,6 +173,17 @@ class FitConfig:
         return cls(**data)
 
 
+# Options newer than some saved runs: what those older versions did, for comparing their config.yaml.
+# Any other option missing from an old file takes its default (it behaved as the default then).
+EARLIER_BEHAVIOUR = {"input_pipeline": "workers"}
+
+
+def saved_options(saved: dict[str, Any]) -> dict[str, Any]:
+    """A run's saved `fit:` options completed for comparison with a config of this version."""
+    defaults = {f.name: f.default_factory() if callable(f.default_factory) else f.default for f in fields(FitConfig)}
+    return {**defaults, **EARLIER_BEHAVIOUR, **saved}
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

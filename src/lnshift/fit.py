@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from . import distributed as dist
 from . import rundir as rd
 from .backbones import load_backbone
-from .config import FitConfig, environment
+from .config import FitConfig, environment, saved_options
 from .data import (
     ImageDataset,
     ImageSource,
@@ -272,9 +272,9 @@ def loader(
 
 
 def check_resume(run: rd.RunDir, cfg: FitConfig) -> None:
-    saved = run.read_config().get("fit", {})
+    saved = saved_options(run.read_config().get("fit", {}))
     now = cfg.to_dict()
-    differ = sorted(k for k in now if k not in RESUME_FREE and saved.get(k) != now[k])
+    differ = sorted(k for k in now if k not in RESUME_FREE and saved[k] != now[k])
     if differ:
         raise RunDirError(f"--resume: options differ from the interrupted run in {run.path}: {differ}")
 

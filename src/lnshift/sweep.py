@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from . import rundir as rd
-from .config import FitConfig, environment, load_yaml
+from .config import FitConfig, environment, load_yaml, saved_options
 from .errors import ConfigError, RunDirError
 from .fit import DEVICE_DATA_SHARE, DEVICE_DATA_SHARE_ENV, RESUME_FREE, fit
 from .phases import METHODS
@@ -435,9 +435,9 @@ def _run_unit(sweep: Sweep, unit: str, first: Cell, pending: list[Cell], echo: C
 
 def _check_config(run: rd.RunDir, cfg: FitConfig) -> None:
     """Refuse a finished run made with other options than the sweep now gives (a stale result)."""
-    saved = run.read_config().get("fit", {})
+    saved = saved_options(run.read_config().get("fit", {}))
     now = cfg.to_dict()
-    differ = sorted(k for k in now if k not in RESUME_FREE and k != "out" and saved.get(k) != now[k])
+    differ = sorted(k for k in now if k not in RESUME_FREE and k != "out" and saved[k] != now[k])
     if differ:
         raise RunDirError(
             f"{run.path} was made with other options than the sweep file now gives ({differ}); "
