@@ -213,3 +213,17 @@ def test_datasets_option_runs_only_those_cells(tmp_path, monkeypatch):
     assert trained == ["other/lp/shots2/s0"]
     with pytest.raises(ConfigError, match="--datasets nope: not in"):
         sw.run_sweep(sweep, echo=quiet, datasets=["nope"])
+
+
+def test_the_worker_queue_starts_with_the_units_that_estimate_fsr(tmp_path):
+    data = spec(tmp_path / "out")
+    data["methods"] = ["lp", "ln", "ln+fsr"]
+    sweep = sw.load_sweep(write(tmp_path / "s.yaml", data))
+    units: dict[str, list] = {}
+    for cell in sw.cells(sweep):
+        units.setdefault(cell.unit, []).append(cell)
+    jobs = [sw.Job(str(k), unit, members) for k, (unit, members) in enumerate(units.items())]
+    order = [job.unit for job in sw.heaviest_first(jobs)]
+    heavy = [u for u in order if "/ln/" in u]
+    assert order[: len(heavy)] == heavy and len(heavy) == 4  # the ln units (with ln+fsr) lead
+    assert [u for u in order if "/lp/" in u] == [j.unit for j in jobs if "/lp/" in j.unit]  # stable otherwise

@@ -260,6 +260,11 @@ class Job:
     unit: str
     members: list[Cell]
 
+    @property
+    def weight(self) -> int:
+        """Rough cost in trainings: its run, plus the nested-subset runs of an FSR estimate."""
+        return 1 + 3 * any(c.rescale == "fsr" for c in self.members)
+
 
 def run_sweep(
     sweep: Sweep,
@@ -323,6 +328,11 @@ def _attempt(sweep: Sweep, job: Job, echo: Callable[[str], None]) -> str | None:
     return None
 
 
+def heaviest_first(jobs: list[Job]) -> list[Job]:
+    """The queue's order: units with an FSR estimate first, so no long unit starts last and runs alone."""
+    return sorted(jobs, key=lambda job: -job.weight)
+
+
 def _spread(
     sweep: Sweep, jobs: list[Job], devices: int, per_device: int, echo: Callable[[str], None]
 ) -> Iterator[tuple[str, str | None]]:
@@ -334,7 +344,7 @@ def _spread(
     gpus = [gpu for gpu in _worker_gpus(devices, sweep) for _ in range(per_device)]
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked processes
     tasks, results = context.Queue(), context.Queue()
-    for job in [*jobs, *[None] * len(gpus)]:  # one None per worker: the end of the queue
+    for job in [*heaviest_first(jobs), *[None] * len(gpus)]:  # one None per worker: the end of the queue
         tasks.put(job)
     workers = [context.Process(target=_worker, args=(sweep, tasks, results)) for _ in gpus]
     # a spawned process starts with this environment, before it imports torch: one GPU and a share
