@@ -1,9 +1,12 @@
 """Batched multi-run training: R runs in one batch equal the same runs trained one by one with loop.run_phase."""
 
+import json
 from dataclasses import replace
 
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file
 
 from lnshift.backbones import load_backbone
 from lnshift.blockwise import batched_layernorms
@@ -135,3 +138,77 @@ def test_refuses_what_it_cannot_batch(backbone, change, message):
     cfg = replace(config(), **change)
     with pytest.raises(ConfigError, match=message):
         train_runs(build_model(cfg, backbone, CLASSES), [], batch, cfg, CPU)
+
+
+# ---------------------------------------------------------------- fit_batched and sweep --batched
+
+
+def batched_sweep(tmp_path, methods, name="s"):
+    from lnshift import sweep as sw
+
+    data = {
+        "out": str(tmp_path / name),
+        "base": {
+            "model": "lnshift/test-vit",
+            "model_kwargs": {"img_size": 32, "patch_size": 8},
+            "steps": 6,
+            "batch_size": 8,
+            "select": "last",
+            "input_pipeline": "device",
+            "progress": False,
+        },
+        "datasets": {"mini": {"train": "builtin:pacs-mini/photo", "test": {"sketch": "builtin:pacs-mini/sketch"}}},
+        "methods": methods,
+        "regimes": [{"shots": 2}, {"fraction": 1.0}],
+        "seeds": [0, 1],
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return sw.load_sweep(path)
+
+
+def test_sweep_batched_writes_every_run_directory_and_the_table(tmp_path):
+    from lnshift import rundir as rd
+    from lnshift import sweep as sw
+    from lnshift.evaluate import evaluate
+    from lnshift.fit import loader, prepare_data
+    from lnshift.saved_run import load_run
+
+    sweep = batched_sweep(tmp_path, ["lp", "ln", "ln+auto", "cyclic"])
+    sw.run_sweep(sweep, echo=lambda _: None, batched=True)
+    results = json.loads((sweep.out / "results.json").read_text())
+    assert results["done"] == results["cells"] == 4 * 2 * 2
+    run = sweep.run_dir("mini/ln/f1/s1")
+    config = yaml.safe_load((run / rd.CONFIG).read_text())
+    # the random test backbone differs per seed, so each seed's 2 regimes were batched together
+    assert len(config["batched"]["with"]) == 2 and config["fit"]["seed"] == 1
+    saved = load_run(run)  # the run directory contract holds: it loads back and scores as saved
+    data = prepare_data(saved.cfg, saved.model.backbone.data_config)
+    val = evaluate(saved.model, loader(data.val, saved.cfg, train=False), len(data.classes), CPU, "fp32")
+    assert val["accuracy"] == json.loads((run / rd.METRICS).read_text())["val"]["accuracy"]
+    lam = json.loads((sweep.run_dir("mini/ln+auto/f1/s1") / rd.LAMBDA).read_text())
+    assert lam["selected_on"] == "val"
+
+
+def test_a_run_trained_with_others_equals_it_trained_alone(tmp_path):
+    from lnshift import sweep as sw
+    from lnshift.multirun import fit_batched
+
+    sweep = batched_sweep(tmp_path, ["ln"])
+    cfgs = [sweep.fit_config(c) for c in sw.cells(sweep)]
+    together = fit_batched(cfgs, CPU)
+    alone = fit_batched([replace(cfgs[2], out=str(tmp_path / "alone"))], CPU)[0]
+    a, b = (load_file(r.path / "adapter.safetensors") for r in (together[2], alone))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    others = load_file(together[0].path / "adapter.safetensors")
+    assert max((a[k] - others[k]).abs().max().item() for k in a) > 1e-4  # the runs really differ
+
+
+def test_batched_runs_refuse_best_epoch_selection(tmp_path):
+    from lnshift import sweep as sw
+    from lnshift.multirun import fit_batched
+
+    sweep = batched_sweep(tmp_path, ["ln"])
+    cfgs = [replace(sweep.fit_config(c), select="best") for c in sw.cells(sweep)]
+    with pytest.raises(ConfigError, match="select: last"):
+        fit_batched(cfgs, CPU)

@@ -246,6 +246,12 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
         help="worker processes per GPU (default: 1); small models leave a GPU idle, so K > 1 shares it",
     )
     p.add_argument("--datasets", metavar="A,B", help="run only these datasets' cells (default: all)")
+    p.add_argument(
+        "--batched",
+        action="store_true",
+        help="train the seeds and regimes of each lp/ln/lp-ln/cyclic dataset-method pair in one batched pass "
+        "(needs steps and select: last; see docs/multirun.md)",
+    )
 
 
 @command("sweep", "run a benchmark grid, restartable, with one results table", _sweep_options)
@@ -254,13 +260,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     sweep = load_sweep(args.file)
     if args.collect:
-        if args.devices != 1 or args.per_device != 1 or args.datasets:
-            raise ConfigError("--collect trains nothing; it takes no --devices, --per-device or --datasets")
+        if args.devices != 1 or args.per_device != 1 or args.datasets or args.batched:
+            raise ConfigError("--collect trains nothing; it takes no --devices, --per-device, --datasets or --batched")
         collect(sweep)
     else:
         shard = parse_shard(args.shard) if args.shard else None
         datasets = args.datasets.split(",") if args.datasets else None
-        run_sweep(sweep, shard=shard, devices=args.devices, per_device=args.per_device, datasets=datasets)
+        run_sweep(
+            sweep,
+            shard=shard,
+            devices=args.devices,
+            per_device=args.per_device,
+            datasets=datasets,
+            batched=args.batched,
+        )
     return 0
 
 

@@ -331,12 +331,7 @@ def _fit(cfg: FitConfig, device: torch.device, echo: Callable[[str], None] | Non
             raise ConfigError("--frozen-dtype bf16 needs bf16 autocast: --precision bf16, or auto on a GPU")
         log.info(f"frozen weights stored in bf16: {store_frozen(model, names, torch.bfloat16):,} values")
     norms = norm_module_names(model, strategy_options(cfg))
-    meta = {
-        "norms": norms,
-        "classes": data.classes,
-        "method": cfg.method,
-        "data_config": model.backbone.data_config,
-    }
+    meta = tensor_meta(model, cfg, data.classes)
     if not (run / rd.BASE).exists():
         rd.write_tensors(run / rd.BASE, snapshot(model, names), meta)
     base = dist.from_main(lambda: run.read_tensors(rd.BASE)[0])
@@ -396,18 +391,41 @@ def _fit(cfg: FitConfig, device: torch.device, echo: Callable[[str], None] | Non
         choice = apply_lambda(model, cfg, trained_norms, base, names, data, device)
         rd.write_json(run / rd.LAMBDA, choice)
         log.info(f"lambda {choice['lambda']:g} ({cfg.lam}) on {cfg.lambda_target}")
+    write_outcome(run, model, names, trained_norms, base, meta, data, cfg, device, log, done_phases)
+    return run
+
+
+def tensor_meta(model: Classifier, cfg: FitConfig, classes: list[str]) -> dict[str, Any]:
+    """What base/adapter.safetensors carry beside the tensors: norms, classes, method, preprocessing."""
+    norms = norm_module_names(model, strategy_options(cfg))
+    return {"norms": norms, "classes": classes, "method": cfg.method, "data_config": model.backbone.data_config}
+
+
+def write_outcome(
+    run: rd.RunDir,
+    model: nn.Module,
+    names: list[str],
+    norms: list[str],
+    base: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    data: Data,
+    cfg: FitConfig,
+    device: torch.device,
+    log: rd.EventLog,
+    phases: list[dict[str, Any]],
+) -> None:
+    """A trained model's adapter, shift, phase history and metrics, the checkpoint removed, then DONE."""
     rd.write_tensors(run / rd.ADAPTER, snapshot(model, names), meta)
-    if trained_norms:
-        rd.write_json(run / rd.SHIFT, layer_shift(base, snapshot(model, names), trained_norms).to_dict())
-    rd.write_json(run / rd.CYCLES, {"phases": done_phases})
+    if norms:
+        rd.write_json(run / rd.SHIFT, layer_shift(base, snapshot(model, names), norms).to_dict())
+    rd.write_json(run / rd.CYCLES, {"phases": phases})
     metrics = evaluate_all(model, data.val, data.tests, len(data.classes), cfg, device)
     rd.write_json(run / rd.METRICS, metrics)
     log.info("metrics: " + summarize(metrics))
     if dist.is_main():
-        ckpt_path.unlink(missing_ok=True)
+        (run / rd.CHECKPOINT / "state.pt").unlink(missing_ok=True)
     log.event("done")
     run.mark_done()
-    return run
 
 
 def apply_lambda(

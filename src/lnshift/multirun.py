@@ -23,16 +23,29 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from . import rundir as rd
 from .blockwise import batched_layernorms, repeat_blocks
-from .config import FitConfig
+from .config import FitConfig, environment
+from .data.device import DeviceBatches, DeviceImages
 from .errors import ConfigError
 from .evaluate import autocast
-from .fit import build_model, plan_phases, trained_names
+from .fit import (
+    build_model,
+    epoch_samples,
+    load_configured_backbone,
+    load_images,
+    plan_phases,
+    prepare_data,
+    tensor_meta,
+    trained_names,
+    write_outcome,
+)
 from .heads import Classifier
 from .loop import (
     NonFiniteLossError,
     PhasePlan,
     cosine_schedule,
+    epoch_seed,
     param_groups,
     restore,
     run_phase,
@@ -211,3 +224,104 @@ def train_alone(
     trained = snapshot(model, names)
     restore(model, kept)
     return trained
+
+
+# ---------------------------------------------------------------- runs with their run directories
+
+
+def fit_batched(cfgs: Sequence[FitConfig], device: torch.device) -> list[rd.RunDir]:
+    """Train the runs of `cfgs` in one batched pass and write each one's run directory as fit() does.
+
+    The configs may differ only in seed, fraction / shots and out (a sweep's seeds and regimes of one
+    dataset and method); they need `steps` and `select: last`, and the device input pipeline. Each run
+    draws its own seeded stream of batches from its own split; its config.yaml says it was batched.
+    A randomly initialised backbone differs per seed, so then each seed's runs form their own batch.
+    Returns the run directories in the order of `cfgs`.
+    """
+    first = cfgs[0]
+    _check_batchable(cfgs)
+    backbone = load_configured_backbone(first)
+    other_seeds = sorted({cfg.seed for cfg in cfgs} - {first.seed})
+    if other_seeds and _depends_on_seed(backbone, replace(first, seed=other_seeds[0])):
+        # a randomly initialised backbone differs per seed: only runs of one seed can share it
+        by_seed = [fit_batched([c for c in cfgs if c.seed == seed], device) for seed in sorted({c.seed for c in cfgs})]
+        done = {run.path: run for runs in by_seed for run in runs}
+        return [done[rd.RunDir(cfg.out).path] for cfg in cfgs]
+    config = backbone.data_config
+    datas = []
+    for cfg in cfgs:
+        data = prepare_data(cfg, config)
+        if data.classes != (datas[0].classes if datas else data.classes):
+            raise ConfigError(f"{cfg.out}: its classes differ from {first.out}'s; they cannot be batched")
+        if len(data.train) == 0:
+            raise ConfigError(f"{cfg.out}: the training split is empty")
+        datas.append(data)
+    classes = datas[0].classes
+    starts = initial_states(first, backbone, len(classes), [cfg.seed for cfg in cfgs])
+    model = build_model(first, backbone, len(classes)).to(device)
+    datas = [load_images(d, cfg, device, config, "device") for d, cfg in zip(datas, cfgs, strict=True)]
+    streams = [_batch_stream(d.train, cfg) for d, cfg in zip(datas, cfgs, strict=True)]
+    tuned = train_runs(model, starts, lambda _step: [next(s) for s in streams], first, device)
+
+    plans = batched_plans(model, first)
+    names = trained_names(plans)
+    meta = tensor_meta(model, first, classes)
+    norms = [m for m in meta["norms"] if f"{m}.weight" in names]
+    ids = [cfg.out for cfg in cfgs]
+    runs = []
+    for cfg, data, start, trained in zip(cfgs, datas, starts, tuned, strict=True):
+        run = rd.RunDir(cfg.out)
+        run.prepare(resume=False, overwrite=True)  # an unfinished earlier attempt is trained again
+        log = rd.EventLog(run, None)
+        log.event("start", resume=False)
+        batched = {"with": ids, "how": BATCHED_HOW}
+        rd.write_yaml(run / rd.CONFIG, {"fit": cfg.to_dict(), "environment": environment(), "batched": batched})
+        rd.write_json(run / rd.SPLITS, data.splits)
+        rd.write_tensors(run / rd.BASE, start, meta)
+        log.info(f"trained in one batched pass with {len(cfgs) - 1} other run(s): {BATCHED_HOW}")
+        restore(model, trained)
+        phases = [{"phase": p.phase.name, "strategy": p.phase.strategy, "steps": p.steps} for p in plans]
+        write_outcome(run, model, names, norms, start, meta, data, cfg, device, log, phases)
+        runs.append(run)
+    return runs
+
+
+BATCHED_HOW = (
+    "lnshift.multirun: one forward over all runs' batches; each run's own seeded stream of full batches "
+    "from its training split, the method's phases and optimiser; last state kept (no per-epoch validation)"
+)
+BATCHED_ALLOWED = {"seed", "fraction", "shots", "out", "resume", "overwrite"}
+BATCHED_METHODS = ("lp", "ln", "lp-ln", "cyclic")
+
+
+def _depends_on_seed(backbone: nn.Module, other: FitConfig) -> bool:
+    """Whether the backbone loaded with another seed differs (random initialisation, no pretrained weights)."""
+    theirs = load_configured_backbone(other).state_dict()
+    return any(not torch.equal(t, theirs[k]) for k, t in backbone.state_dict().items())
+
+
+def _check_batchable(cfgs: Sequence[FitConfig]) -> None:
+    first = cfgs[0].to_dict()
+    for cfg in cfgs:
+        differ = sorted(k for k, v in cfg.to_dict().items() if k not in BATCHED_ALLOWED and v != first[k])
+        if differ:
+            raise ConfigError(
+                f"batched runs may differ only in {sorted(BATCHED_ALLOWED)}; {cfg.out} differs in {differ}"
+            )
+    cfg = cfgs[0]
+    if cfg.select != "last":
+        raise ConfigError("batched runs keep their last state: set select: last")
+    if cfg.lam is not None:
+        raise ConfigError("batched runs are trained without --lambda; rescale them afterwards (lnshift rescale)")
+    if cfg.augment == "strong":
+        raise ConfigError("batched runs use the device input pipeline, which has no --augment strong")
+
+
+def _batch_stream(images: DeviceImages, cfg: FitConfig) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless full batches of one run: epoch after epoch, each seeded by (seed, epoch) as fit seeds them."""
+    epoch = 0
+    while True:
+        generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, 0, epoch))
+        samples = epoch_samples(images, cfg)
+        yield from DeviceBatches(images, cfg.batch_size, train=True, num_samples=samples, generator=generator)
+        epoch += 1

@@ -34,6 +34,7 @@ import torch
 from . import rundir as rd
 from .config import FitConfig, environment, load_yaml, saved_options
 from .errors import ConfigError, RunDirError
+from .evaluate import resolve_device
 from .fit import DEVICE_DATA_SHARE, DEVICE_DATA_SHARE_ENV, RESUME_FREE, fit
 from .phases import METHODS
 from .saved_run import estimate_fsr_of_run, fsr_of_run, rescale_run, run_budget
@@ -273,6 +274,7 @@ def run_sweep(
     devices: int = 1,
     per_device: int = 1,
     datasets: list[str] | None = None,
+    batched: bool = False,
 ) -> Path:
     """Run every unfinished cell (of one shard), then, without a shard, collect the results; returns OUT.
 
@@ -281,6 +283,8 @@ def run_sweep(
     worker (`devices` GPUs x `per_device` processes each) the workers take units from a shared queue:
     a small model leaves a GPU mostly idle, so several of its cells can share one. `datasets` limits the
     run to those datasets' cells (the results tables still cover, and list as missing, every cell).
+    `batched` first trains the unfinished runs of lp / ln / lp-ln / cyclic units together, one batched
+    pass per dataset and method (lnshift.multirun.fit_batched); the rest runs as usual.
     """
     if devices < 1 or per_device < 1:
         raise ConfigError(f"--devices and --per-device must be >= 1, got {devices} and {per_device}")
@@ -297,11 +301,17 @@ def run_sweep(
     for cell in todo:
         units.setdefault(cell.unit, []).append(cell)
     jobs = [Job(f"[{k}/{len(units)}]", unit, members) for k, (unit, members) in enumerate(units.items(), 1)]
+    failed_batches: dict[str, str] = {}
+    if batched:
+        if devices * per_device > 1:
+            raise ConfigError("--batched trains in this process on one device; it takes no --devices or --per-device")
+        failed_batches = _train_batched(sweep, jobs, echo)
+        jobs = [job for job in jobs if job.unit not in failed_batches]
     if devices * per_device == 1:
         outcomes: Iterable[tuple[str, str | None]] = ((job.unit, _attempt(sweep, job, echo)) for job in jobs)
     else:
         outcomes = _spread(sweep, jobs, devices, per_device, echo)
-    failed = {unit: error for unit, error in outcomes if error is not None}
+    failed = {**failed_batches, **{unit: error for unit, error in outcomes if error is not None}}
     if shard is None:
         collect(sweep, echo)
     else:
@@ -326,6 +336,32 @@ def _attempt(sweep: Sweep, job: Job, echo: Callable[[str], None]) -> str | None:
         return f"{type(e).__name__}: {e}"
     echo(f"{job.label} {job.unit}: {time.time() - start:.1f} s")
     return None
+
+
+def _train_batched(sweep: Sweep, jobs: list[Job], echo: Callable[[str], None]) -> dict[str, str]:
+    """Train the unfinished runs of batchable units, one batched pass per (dataset, method); returns failures."""
+    from .multirun import BATCHED_METHODS, fit_batched
+
+    groups: dict[tuple[str, str], dict[str, FitConfig]] = {}
+    for job in jobs:
+        first = job.members[0]
+        if first.base_method in BATCHED_METHODS and not rd.RunDir(sweep.run_dir(job.unit)).done:
+            groups.setdefault((first.dataset, first.base_method), {})[job.unit] = sweep.fit_config(first)
+    failed = {}
+    for (dataset, method), members in groups.items():
+        start = time.time()
+        echo(f"[batched] {dataset}/{method}: {len(members)} runs in one pass")
+        cfgs = list(members.values())
+        try:
+            fit_batched(cfgs, resolve_device(cfgs[0].device))
+        except ConfigError:
+            raise  # the sweep file asks for what batched runs cannot do: say so before anything else runs
+        except Exception as e:
+            echo(traceback.format_exc())
+            failed.update(dict.fromkeys(members, f"{type(e).__name__}: {e}"))
+            continue
+        echo(f"[batched] {dataset}/{method}: {time.time() - start:.1f} s")
+    return failed
 
 
 def heaviest_first(jobs: list[Job]) -> list[Job]:
