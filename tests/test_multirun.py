@@ -212,3 +212,20 @@ def test_batched_runs_refuse_best_epoch_selection(tmp_path):
     cfgs = [replace(sweep.fit_config(c), select="best") for c in sw.cells(sweep)]
     with pytest.raises(ConfigError, match="select: last"):
         fit_batched(cfgs, CPU)
+
+
+@pytest.mark.parametrize("method", ["ln", "cyclic"])
+def test_a_batched_run_is_the_run_fit_makes(tmp_path, method):
+    """Same batches, phases and optimiser steps as `lnshift fit --select last`: the same tensors and metrics."""
+    from lnshift import sweep as sw
+    from lnshift.fit import fit
+    from lnshift.multirun import fit_batched
+
+    sweep = batched_sweep(tmp_path, [method])
+    cfgs = [sweep.fit_config(c) for c in sw.cells(sweep) if c.seed == 0]  # both regimes: batched together
+    batched = fit_batched(cfgs, CPU)[1]
+    alone = fit(replace(cfgs[1], out=str(tmp_path / "fit")), echo=None)
+    a, b = (load_file(r.path / "adapter.safetensors") for r in (batched, alone))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    ma, mb = (json.loads((r.path / "metrics.json").read_text()) for r in (batched, alone))
+    assert ma["test"]["sketch"]["accuracy"] == mb["test"]["sketch"]["accuracy"]

@@ -234,7 +234,8 @@ def fit_batched(cfgs: Sequence[FitConfig], device: torch.device) -> list[rd.RunD
 
     The configs may differ only in seed, fraction / shots and out (a sweep's seeds and regimes of one
     dataset and method); they need `steps` and `select: last`, and the device input pipeline. Each run
-    draws its own seeded stream of batches from its own split; its config.yaml says it was batched.
+    gets the batches fit would give it, so it is the run `lnshift fit` makes with its config, up to
+    float rounding (tested); its config.yaml says it was batched.
     A randomly initialised backbone differs per seed, so then each seed's runs form their own batch.
     Returns the run directories in the order of `cfgs`.
     """
@@ -260,10 +261,8 @@ def fit_batched(cfgs: Sequence[FitConfig], device: torch.device) -> list[rd.RunD
     starts = initial_states(first, backbone, len(classes), [cfg.seed for cfg in cfgs])
     model = build_model(first, backbone, len(classes)).to(device)
     datas = [load_images(d, cfg, device, config, "device") for d, cfg in zip(datas, cfgs, strict=True)]
-    streams = [_batch_stream(d.train, cfg) for d, cfg in zip(datas, cfgs, strict=True)]
-    tuned = train_runs(model, starts, lambda _step: [next(s) for s in streams], first, device)
-
     plans = batched_plans(model, first)
+    tuned = train_runs(model, starts, _fit_order([d.train for d in datas], cfgs, plans), first, device)
     names = trained_names(plans)
     meta = tensor_meta(model, first, classes)
     norms = [m for m in meta["norms"] if f"{m}.weight" in names]
@@ -287,8 +286,8 @@ def fit_batched(cfgs: Sequence[FitConfig], device: torch.device) -> list[rd.RunD
 
 
 BATCHED_HOW = (
-    "lnshift.multirun: one forward over all runs' batches; each run's own seeded stream of full batches "
-    "from its training split, the method's phases and optimiser; last state kept (no per-epoch validation)"
+    "lnshift.multirun: one forward over all runs' batches; each run gets the batches, phases and optimiser "
+    "steps that `lnshift fit --select last` gives it (device input pipeline), up to float rounding"
 )
 BATCHED_ALLOWED = {"seed", "fraction", "shots", "out", "resume", "overwrite"}
 BATCHED_METHODS = ("lp", "ln", "lp-ln", "cyclic")
@@ -317,11 +316,24 @@ def _check_batchable(cfgs: Sequence[FitConfig]) -> None:
         raise ConfigError("batched runs use the device input pipeline, which has no --augment strong")
 
 
-def _batch_stream(images: DeviceImages, cfg: FitConfig) -> Iterator[tuple[Tensor, Tensor]]:
-    """Endless full batches of one run: epoch after epoch, each seeded by (seed, epoch) as fit seeds them."""
+def _fit_order(trains: Sequence[DeviceImages], cfgs: Sequence[FitConfig], plans: Sequence[PhasePlan]) -> Batches:
+    """batch(step) giving each run the batches fit gives it: per phase, epochs seeded by (seed, phase, epoch)."""
+    starts = [sum(p.steps for p in plans[:i]) for i in range(len(plans))]
+    streams: list[Iterator[tuple[Tensor, Tensor]]] = []
+
+    def batch(step: int) -> list[tuple[Tensor, Tensor]]:
+        if step in starts:  # a phase begins: fit starts its epochs afresh
+            streams[:] = [_phase_stream(x, cfg, starts.index(step)) for x, cfg in zip(trains, cfgs, strict=True)]
+        return [next(s) for s in streams]
+
+    return batch
+
+
+def _phase_stream(images: DeviceImages, cfg: FitConfig, phase: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless full batches of one run in one phase, epoch after epoch, each seeded as fit seeds it."""
     epoch = 0
     while True:
-        generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, 0, epoch))
+        generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, phase, epoch))
         samples = epoch_samples(images, cfg)
         yield from DeviceBatches(images, cfg.batch_size, train=True, num_samples=samples, generator=generator)
         epoch += 1
