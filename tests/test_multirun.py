@@ -204,13 +204,17 @@ def test_a_run_trained_with_others_equals_it_trained_alone(tmp_path):
     assert max((a[k] - others[k]).abs().max().item() for k in a) > 1e-4  # the runs really differ
 
 
-def test_batched_runs_refuse_best_epoch_selection(tmp_path):
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"select": "best"}, "select: last"), ({"input_pipeline": "workers"}, "device input pipeline")],
+)
+def test_batched_runs_refuse_what_fit_would_do_otherwise(tmp_path, change, message):
     from lnshift import sweep as sw
     from lnshift.multirun import fit_batched
 
     sweep = batched_sweep(tmp_path, ["ln"])
-    cfgs = [replace(sweep.fit_config(c), select="best") for c in sw.cells(sweep)]
-    with pytest.raises(ConfigError, match="select: last"):
+    cfgs = [replace(sweep.fit_config(c), **change) for c in sw.cells(sweep)]
+    with pytest.raises(ConfigError, match=message):
         fit_batched(cfgs, CPU)
 
 

@@ -312,8 +312,10 @@ def _check_batchable(cfgs: Sequence[FitConfig]) -> None:
         raise ConfigError("batched runs keep their last state: set select: last")
     if cfg.lam is not None:
         raise ConfigError("batched runs are trained without --lambda; rescale them afterwards (lnshift rescale)")
-    if cfg.augment == "strong":
-        raise ConfigError("batched runs use the device input pipeline, which has no --augment strong")
+    if cfg.augment == "strong" or cfg.input_pipeline == "workers":
+        raise ConfigError(
+            "batched runs use the device input pipeline: set input_pipeline: device or auto (and no augment: strong)"
+        )
 
 
 def _fit_order(trains: Sequence[DeviceImages], cfgs: Sequence[FitConfig], plans: Sequence[PhasePlan]) -> Batches:
