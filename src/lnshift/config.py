@@ -180,8 +180,7 @@ EARLIER_BEHAVIOUR = {"input_pipeline": "workers"}
 
 def saved_options(saved: dict[str, Any]) -> dict[str, Any]:
     """A run's saved `fit:` options completed for comparison with a config of this version."""
-    defaults = {f.name: f.default_factory() if callable(f.default_factory) else f.default for f in fields(FitConfig)}
-    return {**defaults, **EARLIER_BEHAVIOUR, **saved}
+    return {**FitConfig().to_dict(), **EARLIER_BEHAVIOUR, **saved}
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

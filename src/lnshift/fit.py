@@ -35,7 +35,7 @@ from .data import (
     subsample,
 )
 from .data.builtin import resolve_spec
-from .data.device import DeviceBatches, DeviceImages, estimated_bytes, to_device
+from .data.device import DeviceBatches, DeviceImages, estimated_bytes, eval_batches, to_device
 from .errors import ConfigError, DataError, RunDirError
 from .evaluate import evaluate, resolve_device, uses_bf16
 from .fsr_runs import estimate_fsr
@@ -177,17 +177,24 @@ def load_configured_backbone(cfg: FitConfig) -> nn.Module:
 
 
 def input_pipeline(cfg: FitConfig, data: Data, device: torch.device, data_config: dict) -> str:
-    """Resolve --input-pipeline auto: the device pipeline on a GPU when the images fit, else workers."""
+    """Resolve --input-pipeline auto for a run's data: the device pipeline on a GPU when the images fit."""
+    return resolve_pipeline(cfg, {name: len(ds) for name, ds in data.named().items()}, device, data_config)
+
+
+def resolve_pipeline(cfg: FitConfig, sizes: dict[str, int], device: torch.device, data_config: dict) -> str:
+    """--input-pipeline auto: the device pipeline on a GPU when splits of these sizes fit, else workers."""
     if cfg.input_pipeline != "auto":
         return cfg.input_pipeline
     if device.type != "cuda" or cfg.augment == "strong":
         return "workers"
-    need = sum(
-        estimated_bytes(len(ds), data_config, crops=name == "train" and cfg.augment != "none")
-        for name, ds in data.named().items()
-    )
+    need = sum(estimated_bytes(n, data_config, crops=kept_for_crops(name, cfg)) for name, n in sizes.items())
     share = float(os.environ.get(DEVICE_DATA_SHARE_ENV, DEVICE_DATA_SHARE))
     return "device" if need < share * torch.cuda.mem_get_info(device)[0] else "workers"
+
+
+def kept_for_crops(split: str, cfg: FitConfig) -> bool:
+    """Whether the device pipeline keeps a split for random crops: the training split, unless --augment none."""
+    return split == "train" and cfg.augment != "none"
 
 
 def load_images(data: Data, cfg: FitConfig, device: torch.device, data_config: dict, pipeline: str) -> Data:
@@ -202,8 +209,7 @@ def load_images(data: Data, cfg: FitConfig, device: torch.device, data_config: d
                 ds.preload()
                 loaded[name] = ds
             else:
-                crops = name == "train" and cfg.augment != "none"
-                loaded[name] = to_device(ds, data_config, device, crops=crops)
+                loaded[name] = to_device(ds, data_config, device, crops=kept_for_crops(name, cfg))
         except DataError as e:
             bad = ds.source.find_bad(ds.indices)
             listed = ", ".join(bad[:20]) + (f" and {len(bad) - 20} more" if len(bad) > 20 else "")
@@ -254,27 +260,32 @@ def loader(
     dataset: Images, cfg: FitConfig, *, train: bool, generator: torch.Generator | None = None
 ) -> DataLoader | DeviceBatches:
     """Training: this process's slices of the global batches. Evaluation: its chunk of the split (distributed.py)."""
-    if isinstance(dataset, DeviceImages):
-        size = cfg.batch_size if train else cfg.eval_batch_size
-        if train and size < dist.world():  # the device pipeline gives every process a slice of each batch
-            raise ConfigError(f"--batch-size {size} is smaller than the {dist.world()} data-parallel processes")
-        samples = epoch_samples(dataset, cfg) if train else None
-        return DeviceBatches(
-            dataset, size, train=train, num_samples=samples, generator=generator, rank=dist.rank(), world=dist.world()
-        )
-    pin = torch.cuda.is_available()
     if not train:
-        return DataLoader(dist.local_chunk(dataset), cfg.eval_batch_size, num_workers=cfg.workers, pin_memory=pin)
+        return eval_batches(dataset, cfg.eval_batch_size, cfg.workers)
+    size, rank, world = cfg.batch_size, dist.rank(), dist.world()
+    samples = epoch_samples(dataset, cfg)
+    if isinstance(dataset, DeviceImages):
+        if size < world:  # the device pipeline gives every process a slice of each batch
+            raise ConfigError(f"--batch-size {size} is smaller than the {world} data-parallel processes")
+        return DeviceBatches(
+            dataset, size, train=True, num_samples=samples, generator=generator, rank=rank, world=world
+        )
     # repeated seeded permutations when an epoch is longer than the split
-    sampler = RandomSampler(dataset, num_samples=epoch_samples(dataset, cfg), generator=generator)
-    batches = dist.SliceSampler(sampler, cfg.batch_size, dist.rank(), dist.world())
+    sampler = RandomSampler(dataset, num_samples=samples, generator=generator)
+    batches = dist.SliceSampler(sampler, size, rank, world)
+    pin = torch.cuda.is_available()
     return DataLoader(dist.Placeholders(dataset), batch_sampler=batches, num_workers=cfg.workers, pin_memory=pin)
 
 
-def check_resume(run: rd.RunDir, cfg: FitConfig) -> None:
+def changed_options(run: rd.RunDir, cfg: FitConfig) -> list[str]:
+    """Options, other than RESUME_FREE ones, in which `cfg` differs from the config the run was made with."""
     saved = saved_options(run.read_config().get("fit", {}))
     now = cfg.to_dict()
-    differ = sorted(k for k in now if k not in RESUME_FREE and saved[k] != now[k])
+    return sorted(k for k in now if k not in RESUME_FREE and saved[k] != now[k])
+
+
+def check_resume(run: rd.RunDir, cfg: FitConfig) -> None:
+    differ = changed_options(run, cfg)
     if differ:
         raise RunDirError(f"--resume: options differ from the interrupted run in {run.path}: {differ}")
 
@@ -330,7 +341,6 @@ def _fit(cfg: FitConfig, device: torch.device, echo: Callable[[str], None] | Non
         if not uses_bf16(device, cfg.precision):
             raise ConfigError("--frozen-dtype bf16 needs bf16 autocast: --precision bf16, or auto on a GPU")
         log.info(f"frozen weights stored in bf16: {store_frozen(model, names, torch.bfloat16):,} values")
-    norms = norm_module_names(model, strategy_options(cfg))
     meta = tensor_meta(model, cfg, data.classes)
     if not (run / rd.BASE).exists():
         rd.write_tensors(run / rd.BASE, snapshot(model, names), meta)
@@ -351,7 +361,7 @@ def _fit(cfg: FitConfig, device: torch.device, echo: Callable[[str], None] | Non
         done_phases, resume_state = ckpt["done_phases"], ckpt["state"]
         log.info(f"resuming after phase {len(done_phases)} epoch {resume_state.epoch if resume_state else 0}")
 
-    trained_norms = [m for m in norms if f"{m}.weight" in names]
+    trained_norms = [m for m in meta["norms"] if f"{m}.weight" in names]
     validate = partial(evaluate, model, loader(data.val, cfg, train=False), len(data.classes), device, cfg.precision)
     for plan in plans[len(done_phases) :]:
 
@@ -415,9 +425,10 @@ def write_outcome(
     phases: list[dict[str, Any]],
 ) -> None:
     """A trained model's adapter, shift, phase history and metrics, the checkpoint removed, then DONE."""
-    rd.write_tensors(run / rd.ADAPTER, snapshot(model, names), meta)
+    adapter = snapshot(model, names)
+    rd.write_tensors(run / rd.ADAPTER, adapter, meta)
     if norms:
-        rd.write_json(run / rd.SHIFT, layer_shift(base, snapshot(model, names), norms).to_dict())
+        rd.write_json(run / rd.SHIFT, layer_shift(base, adapter, norms).to_dict())
     rd.write_json(run / rd.CYCLES, {"phases": phases})
     metrics = evaluate_all(model, data.val, data.tests, len(data.classes), cfg, device)
     rd.write_json(run / rd.METRICS, metrics)

@@ -111,7 +111,7 @@ def select_lambda(
     if not grid:
         raise ConfigError("--lambda-grid is empty")
     per_pass = max(1, batch_size // len(grid))
-    loader = eval_batches(val_dataset, per_pass, data_parallel=True)
+    loader = eval_batches(val_dataset, per_pass)
     start = time.perf_counter()
     logits, labels, passes = grid_logits(model, norms, base, tuned, grid, loader, device, precision, target)
     logits, labels = gather_rows(logits.transpose(0, 1)).transpose(0, 1), gather_rows(labels)  # data-parallel

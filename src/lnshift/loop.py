@@ -199,8 +199,9 @@ def run_phase(
     )
     model.train()
     while state.step < plan.steps:
-        generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, plan.index, state.epoch))
-        seed_everything(epoch_seed(cfg.seed, plan.index, state.epoch))  # timm's crops draw from `random`
+        seed = epoch_seed(cfg.seed, plan.index, state.epoch)
+        generator = torch.Generator().manual_seed(seed)
+        seed_everything(seed)  # timm's crops draw from `random`
         first_step, losses = state.step, []
         desc = f"{plan.phase.name} epoch {state.epoch + 1}"
         for x, y in batches(train_loader(generator), device, desc, cfg.progress):

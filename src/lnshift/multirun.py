@@ -249,15 +249,13 @@ def fit_batched(cfgs: Sequence[FitConfig], device: torch.device) -> list[rd.RunD
         done = {run.path: run for runs in by_seed for run in runs}
         return [done[rd.RunDir(cfg.out).path] for cfg in cfgs]
     config = backbone.data_config
-    datas = []
-    for cfg in cfgs:
-        data = prepare_data(cfg, config)
-        if data.classes != (datas[0].classes if datas else data.classes):
+    datas = [prepare_data(cfg, config) for cfg in cfgs]
+    classes = datas[0].classes
+    for cfg, data in zip(cfgs, datas, strict=True):
+        if data.classes != classes:
             raise ConfigError(f"{cfg.out}: its classes differ from {first.out}'s; they cannot be batched")
         if len(data.train) == 0:
             raise ConfigError(f"{cfg.out}: the training split is empty")
-        datas.append(data)
-    classes = datas[0].classes
     starts = initial_states(first, backbone, len(classes), [cfg.seed for cfg in cfgs])
     model = build_model(first, backbone, len(classes)).to(device)
     datas = [load_images(d, cfg, device, config, "device") for d, cfg in zip(datas, cfgs, strict=True)]
@@ -266,20 +264,19 @@ def fit_batched(cfgs: Sequence[FitConfig], device: torch.device) -> list[rd.RunD
     names = trained_names(plans)
     meta = tensor_meta(model, first, classes)
     norms = [m for m in meta["norms"] if f"{m}.weight" in names]
-    ids = [cfg.out for cfg in cfgs]
+    batched = {"with": [cfg.out for cfg in cfgs], "how": BATCHED_HOW}
+    phases = [{"phase": p.phase.name, "strategy": p.phase.strategy, "steps": p.steps} for p in plans]
     runs = []
     for cfg, data, start, trained in zip(cfgs, datas, starts, tuned, strict=True):
         run = rd.RunDir(cfg.out)
         run.prepare(resume=False, overwrite=True)  # an unfinished earlier attempt is trained again
         log = rd.EventLog(run, None)
         log.event("start", resume=False)
-        batched = {"with": ids, "how": BATCHED_HOW}
         rd.write_yaml(run / rd.CONFIG, {"fit": cfg.to_dict(), "environment": environment(), "batched": batched})
         rd.write_json(run / rd.SPLITS, data.splits)
         rd.write_tensors(run / rd.BASE, start, meta)
         log.info(f"trained in one batched pass with {len(cfgs) - 1} other run(s): {BATCHED_HOW}")
         restore(model, trained)
-        phases = [{"phase": p.phase.name, "strategy": p.phase.strategy, "steps": p.steps} for p in plans]
         write_outcome(run, model, names, norms, start, meta, data, cfg, device, log, phases)
         runs.append(run)
     return runs

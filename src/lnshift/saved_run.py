@@ -21,7 +21,7 @@ from .data import ImageDataset, check_classes, make_transform
 from .data.device import to_device
 from .errors import RunDirError
 from .evaluate import evaluate, resolve_device, uses_bf16
-from .fit import Images, build_model, evaluate_all, load_configured_backbone, loader, open_spec
+from .fit import Images, build_model, evaluate_all, load_configured_backbone, loader, open_spec, resolve_pipeline
 from .fsr import FSRReport, oracle_fsr
 from .fsr_runs import estimate_fsr
 from .heads import Classifier, LinearHead
@@ -126,14 +126,15 @@ def merge_run(path: str | Path, out: str | Path) -> Path:
 def split_datasets(saved: SavedRun) -> dict[str, Images]:
     """Evaluation datasets of every split in splits.json, tagged with their split name.
 
-    On the device pipeline when the run would use it on this device (images cached once per process).
+    On the device pipeline when the run's --input-pipeline chooses it on this device (images cached
+    once per process).
     """
     splits = saved.run.read_json(rd.SPLITS)
     data_config = saved.model.backbone.data_config
     transform = make_transform(data_config, train=False)
     device = next(saved.model.parameters()).device
-    pipeline = saved.cfg.input_pipeline
-    on_device = pipeline == "device" or (pipeline == "auto" and device.type == "cuda")
+    sizes = {name: len(split["indices"]) for name, split in splits["splits"].items()}
+    on_device = resolve_pipeline(saved.cfg, sizes, device, data_config) == "device"
     out: dict[str, Images] = {}
     for name, split in splits["splits"].items():
         ds = ImageDataset(open_spec(split["source"], saved.cfg), split["indices"], splits["class_to_idx"], transform)

@@ -32,10 +32,10 @@ from typing import Any
 import torch
 
 from . import rundir as rd
-from .config import FitConfig, environment, load_yaml, saved_options
+from .config import FitConfig, environment, load_yaml
 from .errors import ConfigError, RunDirError
 from .evaluate import resolve_device
-from .fit import DEVICE_DATA_SHARE, DEVICE_DATA_SHARE_ENV, RESUME_FREE, fit
+from .fit import DEVICE_DATA_SHARE, DEVICE_DATA_SHARE_ENV, changed_options, fit
 from .phases import METHODS
 from .saved_run import estimate_fsr_of_run, fsr_of_run, rescale_run, run_budget
 
@@ -481,9 +481,7 @@ def _run_unit(sweep: Sweep, unit: str, first: Cell, pending: list[Cell], echo: C
 
 def _check_config(run: rd.RunDir, cfg: FitConfig) -> None:
     """Refuse a finished run made with other options than the sweep now gives (a stale result)."""
-    saved = saved_options(run.read_config().get("fit", {}))
-    now = cfg.to_dict()
-    differ = sorted(k for k in now if k not in RESUME_FREE and k != "out" and saved[k] != now[k])
+    differ = changed_options(run, cfg)
     if differ:
         raise RunDirError(
             f"{run.path} was made with other options than the sweep file now gives ({differ}); "

@@ -21,7 +21,7 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -81,9 +81,14 @@ def eval_preprocess(data_config: dict) -> transforms.Compose:
     return transforms.Compose([*steps[:-2], transforms.PILToTensor()])
 
 
+def train_side(data_config: dict) -> int:
+    """Side of the central square that training crops are drawn from: TRAIN_SIDE_FACTOR x the input side."""
+    return TRAIN_SIDE_FACTOR * max(data_config["input_size"][1:])
+
+
 def train_preprocess(data_config: dict) -> transforms.Compose:
     """The central square at TRAIN_SIDE_FACTOR x the input side: what device crops are drawn from."""
-    side = TRAIN_SIDE_FACTOR * max(data_config["input_size"][1:])
+    side = train_side(data_config)
     interpolation = transforms.InterpolationMode(data_config.get("interpolation", "bicubic"))
     return transforms.Compose(
         [transforms.Resize(side, interpolation), transforms.CenterCrop(side), transforms.PILToTensor()]
@@ -185,7 +190,7 @@ def to_device(
 
 def estimated_bytes(n_images: int, data_config: dict, *, crops: bool) -> int:
     """uint8 bytes that `to_device` will hold for n images (to decide whether they fit)."""
-    side = TRAIN_SIDE_FACTOR * max(data_config["input_size"][1:])
+    side = train_side(data_config)
     h, w = (side, side) if crops else data_config["input_size"][1:]
     return n_images * 3 * h * w
 
@@ -225,8 +230,7 @@ def augment(images: DeviceImages, idx: torch.Tensor, boxes: torch.Tensor, flips:
     x = images.images[idx].float()
     rois = torch.cat([torch.arange(len(idx), device=x.device, dtype=x.dtype)[:, None], boxes.to(x)], dim=1)
     out = roi_align(x, rois, output_size=images.input_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-    out = torch.where(flips.to(x.device)[:, None, None, None], out.flip(-1), out)
-    return out.div(255).sub(images.mean).div(images.std)
+    return images.normalize(torch.where(flips.to(x.device)[:, None, None, None], out.flip(-1), out))
 
 
 def center_crop(images: DeviceImages, idx: torch.Tensor) -> torch.Tensor:
@@ -282,13 +286,13 @@ class DeviceBatches:
         if not self.n_batches:
             return
         order = self._order()
-        height, width = self.images.images.shape[-2:]
-        boxes = crop_boxes(len(order), height, width, self.generator)
-        flips = torch.rand(len(order), generator=self.generator) < 0.5
+        if self.images.crops:
+            height, width = self.images.images.shape[-2:]
+            boxes = crop_boxes(len(order), height, width, self.generator)
+            flips = torch.rand(len(order), generator=self.generator) < 0.5
         device = self.images.images.device
-        for b in range(self.n_batches):
-            lo = b * self.batch_size
-            start, stop = shard_bounds(self.batch_size, self.rank, self.world)
+        start, stop = shard_bounds(self.batch_size, self.rank, self.world)
+        for lo in range(0, len(order), self.batch_size):
             sel = slice(lo + start, lo + stop)
             idx = order[sel].to(device)
             if self.images.crops:
@@ -305,13 +309,11 @@ class DeviceBatches:
 
 
 def eval_batches(
-    dataset: ImageDataset | DeviceImages, batch_size: int, workers: int = 0, *, data_parallel: bool = False
-) -> Sequence:
-    """Evaluation batches of either pipeline's split, in order; this process's chunk when `data_parallel`."""
-    rank, world = (distributed.rank(), distributed.world()) if data_parallel else (0, 1)
+    dataset: ImageDataset | DeviceImages, batch_size: int, workers: int = 0
+) -> torch.utils.data.DataLoader | DeviceBatches:
+    """Evaluation batches of either pipeline's split, in order: this process's chunk of it (distributed.py)."""
     if isinstance(dataset, DeviceImages):
-        return DeviceBatches(dataset, batch_size, train=False, rank=rank, world=world)
-    chunk = distributed.local_chunk(dataset) if data_parallel else dataset
+        return DeviceBatches(dataset, batch_size, train=False, rank=distributed.rank(), world=distributed.world())
     return torch.utils.data.DataLoader(
-        chunk, batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available()
+        distributed.local_chunk(dataset), batch_size, num_workers=workers, pin_memory=torch.cuda.is_available()
     )
