@@ -267,3 +267,15 @@ def test_auto_pipeline_uses_the_device_when_the_images_fit_its_share_of_free_mem
     monkeypatch.setenv(DEVICE_DATA_SHARE_ENV, "0.9")
     assert input_pipeline(cfg, data, gpu, CONFIG) == "device"
     assert input_pipeline(cfg, data, torch.device("cpu"), CONFIG) == "workers"
+
+
+def test_a_global_batch_smaller_than_the_process_count_is_refused(monkeypatch):
+    from lnshift.config import FitConfig
+    from lnshift.fit import loader
+
+    images = dd.DeviceImages(torch.zeros(8, 3, 64, 64, dtype=torch.uint8), torch.arange(8), CONFIG, crops=True)
+    monkeypatch.setattr("lnshift.fit.dist.world", lambda: 4)
+    with pytest.raises(ConfigError, match="--batch-size 2 is smaller than the 4 data-parallel processes"):
+        loader(images, FitConfig(batch_size=2), train=True)
+    cfg = FitConfig(batch_size=4, min_epoch_steps=1)  # 8 images: an epoch of 2 batches of 4
+    assert len(loader(images, cfg, train=True, generator=torch.Generator())) == 2
