@@ -47,13 +47,23 @@ from lnshift.data.device import DeviceBatches, DeviceImages, to_device
 from lnshift.evaluate import autocast
 from lnshift.heads import Classifier, build_head
 from lnshift.loop import param_groups, set_trainable, store_frozen, train_step
+from lnshift.rundir import write_json
 from lnshift.strategies import StrategyOptions, get_strategy
 
 NUM_CLASSES = 100
 PROFILED_STEPS = 3
 # lnshift's training variants: eager, torch.compile, + cuDNN attention first, + frozen weights in bf16,
+# + CUDA graphs (one launch per compiled forward / backward instead of hundreds of kernels),
 # + inductor's autotuned GEMM templates (which can fuse bias / GELU / residual epilogues; slow to compile)
-TRAIN_VARIANTS = ("plain", "compiled", "compiled-cudnn", "compiled-bf16", "compiled-bf16-autotune")
+TRAIN_VARIANTS = (
+    "plain",
+    "compiled",
+    "compiled-cudnn",
+    "compiled-bf16",
+    "compiled-bf16-graphs",
+    "compiled-bf16-autotune",
+)
+COMPILE_MODES = {"autotune": "max-autotune-no-cudagraphs", "graphs": "reduce-overhead"}
 
 
 def write_jpegs(folder: Path, n: int, side: int, seed: int = 0) -> None:
@@ -104,8 +114,8 @@ def print_profile(step: Callable[[], object], device: torch.device, steps: int =
         for _ in range(steps):
             step()
         sync(device)
-    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60), flush=True)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70), flush=True)
 
 
 def cudnn_attention() -> contextlib.AbstractContextManager:
@@ -202,6 +212,8 @@ def lnshift_train(
     )
 
     def step() -> None:
+        if compile_mode == "reduce-overhead":  # a new step: the graphs' output buffers may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         x, y = next(batches)
         train_step(forward, x, y, optimizer, loss_fn, device, args.precision)
 
@@ -276,7 +288,7 @@ def bench_model(args: argparse.Namespace, name: str, folder: Path, device: torch
                     device,
                     compiled=variant != "plain",
                     frozen_bf16="bf16" in variant,
-                    compile_mode="max-autotune-no-cudagraphs" if "autotune" in variant else None,
+                    compile_mode=COMPILE_MODES.get(variant.rsplit("-", 1)[-1]),
                 )
     for variant, compiled in (("eval", False), ("eval-compiled", True)):
         if variant in args.variants:
@@ -347,24 +359,22 @@ def main(argv: list[str] | None = None) -> int:
         args.variants, args.device = "reference,plain,eval", "cpu"
     args.variants = set(args.variants.split(","))
     device = torch.device(args.device)
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        write_jpegs(Path(tmp), args.images, 256)
-        for name in args.models.split(","):
-            results.append(bench_model(args, name, Path(tmp), device))
-            print(table(results[-1:]), flush=True)
     report = {
         "command": " ".join([sys.executable, *sys.argv]),
         "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "cpu_cores": os.cpu_count(),
         "environment": environment(),
         "settings": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items() if k != "out"},
-        "results": results,
+        "results": [],
     }
-    print("\n" + table(results))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        write_jpegs(Path(tmp), args.images, 256)
+        for name in args.models.split(","):
+            report["results"].append(bench_model(args, name, Path(tmp), device))
+            print(table(report["results"][-1:]), flush=True)
+            if args.out:  # after every model: a run stopped later keeps what it measured
+                write_json(args.out, report)
+    print("\n" + table(report["results"]))
     return 0
 
 
