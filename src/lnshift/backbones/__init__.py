@@ -14,6 +14,7 @@ from . import registry
 from .base import Backbone, find_norms, norm_table
 from .hf_backbone import load_hf
 from .openclip_backbone import load_open_clip
+from .patch_matmul import use_patch_matmul
 from .registry import ModelSpec, close_matches, register
 from .timm_backbone import load_timm
 
@@ -77,7 +78,8 @@ def load_backbone(
 
     Order: lnshift registry name; `hf:PATH` or a folder whose config.json has `model_type`;
     `open_clip:ARCH`; a timm-format folder; otherwise a timm model name (`hf-hub:` included).
-    `weights` (file or folder) replaces the library's own pretrained weights.
+    `weights` (file or folder) replaces the library's own pretrained weights. Patch-embedding convs
+    run as matrix products (backbones.patch_matmul: same parameters, many times faster on GPUs).
     """
     kwargs = dict(model_kwargs or {})
     if name in registry.list_models():
@@ -95,4 +97,5 @@ def load_backbone(
     else:
         raise _unknown(name)
     backbone.name = name
+    use_patch_matmul(backbone)
     return backbone.eval()
