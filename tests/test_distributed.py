@@ -17,6 +17,7 @@ from torch.utils.data import BatchSampler, RandomSampler
 from lnshift import distributed as dist
 from lnshift import rundir as rd
 from lnshift import sweep as sw
+from lnshift import workers
 from lnshift.cli import main
 from lnshift.errors import ConfigError, RunDirError
 from tiny import TINY
@@ -140,7 +141,7 @@ def test_two_gloo_processes_train_the_same_run_as_one(tmp_path):
     assert list(cwd.iterdir()) == []
 
 
-def test_sweep_on_two_workers_gives_the_same_table_as_one(tmp_path):
+def test_sweep_on_two_workers_gives_the_same_table_as_one(tmp_path, capsys):
     spec = {
         "base": {
             "model": "lnshift/test-vit",
@@ -163,9 +164,13 @@ def test_sweep_on_two_workers_gives_the_same_table_as_one(tmp_path):
         path = tmp_path / f"sweep{devices}x{per_device}.yaml"
         path.write_text(yaml.safe_dump({"out": str(tmp_path / f"out{devices}x{per_device}"), **spec}))
         sweep = sw.load_sweep(path)
-        with pytest.raises(RunDirError) as failed:
-            sw.run_sweep(sweep, echo=lambda _: None, devices=devices, per_device=per_device)
-        errors.append(str(failed.value))
+        if per_device == 1:
+            with pytest.raises(RunDirError) as failed:
+                sw.run_sweep(sweep, echo=lambda _: None, devices=devices, per_device=per_device)
+            errors.append(str(failed.value))
+        else:  # through the CLI, which starts the workers before it imports torch
+            assert main(["sweep", str(path), "--devices", str(devices), "--per-device", str(per_device)]) == 2
+            errors.append(capsys.readouterr().err.split("error: ", 1)[1])
         results = json.loads((sweep.out / "results.json").read_text())
         tables.append([{k: v for k, v in row.items() if k != "run"} for row in results["rows"]])
     # the same cells and, up to float rounding of different thread counts, the same numbers
@@ -178,13 +183,20 @@ def test_sweep_on_two_workers_gives_the_same_table_as_one(tmp_path):
                 assert b[k] == (pytest.approx(a[k], rel=1e-4, abs=1e-6) if number else a[k]), k
     # each of the 2 workers ran with its share of the cores, not a pool of all of them
     config = yaml.safe_load(next((tmp_path / "out2x1").rglob("config.yaml")).read_text())
-    expected = os.environ.get("OMP_NUM_THREADS") or str(sw.worker_threads(2))
+    expected = os.environ.get("OMP_NUM_THREADS") or str(workers.worker_threads(2))
     assert config["environment"]["torch_threads"] == expected
     for message in errors:  # the broken dataset's 4 units fail alike, the others finish
         assert message.startswith("4 of 8 runs failed") and message.count("broken/") == 4
 
 
 def test_sweep_workers_get_one_visible_gpu_each(tmp_path, monkeypatch):
+    # the pool assigns GPUs before torch is imported: those listed in CUDA_VISIBLE_DEVICES, else 0..N-1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,7")
+    assert workers.visible_gpus(2) == ["3", "5"]
+    assert workers.visible_gpus(4) == ["3", "5", "7", None]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert workers.visible_gpus(2) == ["0", "1"]
+    # once torch is loaded, the sweep checks them against the machine and the sweep file
     path = tmp_path / "s.yaml"
     path.write_text(
         yaml.safe_dump(
@@ -200,10 +212,10 @@ def test_sweep_workers_get_one_visible_gpu_each(tmp_path, monkeypatch):
     )
     sweep = sw.load_sweep(path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,7")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     with pytest.raises(ConfigError, match=r"base\.device"):
-        sw._worker_gpus(2, sweep)
+        sw.check_gpus(2, sweep)
     sweep.base["device"] = "auto"
-    assert sw._worker_gpus(2, sweep) == ["3", "5"]
+    sw.check_gpus(2, sweep)
     with pytest.raises(ConfigError, match="--devices 4: only 3 GPU"):
-        sw._worker_gpus(4, sweep)
+        sw.check_gpus(4, sweep)

@@ -256,24 +256,37 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
 
 @command("sweep", "run a benchmark grid, restartable, with one results table", _sweep_options)
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import collect, load_sweep, parse_shard, run_sweep
+    pool = None
+    if not args.collect and not args.batched and args.devices * args.per_device > 1:
+        from .workers import WorkerPool  # no torch: the workers start importing it now, alongside this process
 
-    sweep = load_sweep(args.file)
-    if args.collect:
-        if args.devices != 1 or args.per_device != 1 or args.datasets or args.batched:
-            raise ConfigError("--collect trains nothing; it takes no --devices, --per-device, --datasets or --batched")
-        collect(sweep)
-    else:
+        pool = WorkerPool(args.devices, args.per_device)
+    try:
+        from .sweep import collect, load_sweep, parse_shard, run_sweep
+
+        sweep = load_sweep(args.file)
+        if args.collect:
+            if args.devices != 1 or args.per_device != 1 or args.datasets or args.batched:
+                raise ConfigError(
+                    "--collect trains nothing; it takes no --devices, --per-device, --datasets or --batched"
+                )
+            collect(sweep)
+            return 0
         shard = parse_shard(args.shard) if args.shard else None
         datasets = args.datasets.split(",") if args.datasets else None
-        run_sweep(
-            sweep,
-            shard=shard,
-            devices=args.devices,
-            per_device=args.per_device,
-            datasets=datasets,
-            batched=args.batched,
-        )
+    except BaseException:
+        if pool is not None:
+            pool.close()
+        raise
+    run_sweep(
+        sweep,
+        shard=shard,
+        devices=args.devices,
+        per_device=args.per_device,
+        datasets=datasets,
+        batched=args.batched,
+        pool=pool,
+    )
     return 0
 
 

@@ -21,6 +21,10 @@ from .errors import ConfigError
 
 BUILTIN_DATA = "builtin:pacs-mini"
 DEFAULT_MODEL = "lnshift/vit-tiny-cifar10"
+# the device input pipeline may hold at most this share of the GPU's free memory; beyond it `auto` uses
+# workers. Processes that share a GPU (`lnshift sweep --per-device K`) get a K-th of it through the variable.
+DEVICE_DATA_SHARE = 0.5
+DEVICE_DATA_SHARE_ENV = "LNSHIFT_DEVICE_DATA_SHARE"
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from . import distributed as dist
 from . import rundir as rd
 from .backbones import load_backbone
-from .config import FitConfig, environment, saved_options
+from .config import DEVICE_DATA_SHARE, DEVICE_DATA_SHARE_ENV, FitConfig, environment, saved_options
 from .data import (
     ImageDataset,
     ImageSource,
@@ -51,10 +51,6 @@ RESUME_FREE = {
     "out", "resume", "overwrite", "progress", "workers", "device", "devices", "eval_batch_size", "tensorboard",
     "compile",
 }  # fmt: skip
-# the device pipeline may hold at most this share of the GPU's free memory; beyond it `auto` uses workers.
-# Processes that share a GPU (`lnshift sweep --per-device K`) get a K-th of it through this variable.
-DEVICE_DATA_SHARE = 0.5
-DEVICE_DATA_SHARE_ENV = "LNSHIFT_DEVICE_DATA_SHARE"
 
 
 Images = ImageDataset | DeviceImages  # one split in the workers or the device input pipeline

@@ -5,26 +5,22 @@ reuses the run of its base method (`ln+auto` rescales `ln`'s run), so rescaled v
 training; a base run and its rescaled variants form one *unit*, and a unit is never split across
 shards, so concurrent shards never write the same directory. Results are rebuilt from the run
 directories alone (`collect`), so shards on different machines only need a shared OUT. Within one
-machine, `devices` worker processes (one per GPU) take whole units from a shared queue.
+machine, worker processes (lnshift.workers: K per GPU) take whole units from a shared queue.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import io
 import json
 import math
-import multiprocessing
-import os
-import queue
 import re
 import shutil
 import statistics
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,9 +31,10 @@ from . import rundir as rd
 from .config import FitConfig, environment, load_yaml
 from .errors import ConfigError, RunDirError
 from .evaluate import resolve_device
-from .fit import DEVICE_DATA_SHARE, DEVICE_DATA_SHARE_ENV, changed_options, fit
+from .fit import changed_options, fit
 from .phases import METHODS
 from .saved_run import estimate_fsr_of_run, fsr_of_run, rescale_run, run_budget
+from .workers import WorkerPool
 
 TOP_KEYS = ("out", "base", "datasets", "methods", "regimes", "seeds")
 # options each cell sets itself; a sweep file may not fix them in `base:` or a dataset
@@ -275,6 +272,7 @@ def run_sweep(
     per_device: int = 1,
     datasets: list[str] | None = None,
     batched: bool = False,
+    pool: WorkerPool | None = None,
 ) -> Path:
     """Run every unfinished cell (of one shard), then, without a shard, collect the results; returns OUT.
 
@@ -284,10 +282,31 @@ def run_sweep(
     a small model leaves a GPU mostly idle, so several of its cells can share one. `datasets` limits the
     run to those datasets' cells (the results tables still cover, and list as missing, every cell).
     `batched` first trains the unfinished runs of lp / ln / lp-ln / cyclic units together, one batched
-    pass per dataset and method (lnshift.multirun.fit_batched); the rest runs as usual.
+    pass per dataset and method (lnshift.multirun.fit_batched); the rest runs as usual. `pool`: the
+    workers, already started (the CLI starts them before it imports torch); this function closes it.
     """
-    if devices < 1 or per_device < 1:
-        raise ConfigError(f"--devices and --per-device must be >= 1, got {devices} and {per_device}")
+    try:
+        if devices < 1 or per_device < 1:
+            raise ConfigError(f"--devices and --per-device must be >= 1, got {devices} and {per_device}")
+        if batched and devices * per_device > 1:
+            raise ConfigError("--batched trains in this process on one device; it takes no --devices or --per-device")
+        if pool is None and devices * per_device > 1:
+            pool = WorkerPool(devices, per_device)
+        return _run_sweep(sweep, shard, echo, devices, datasets, batched, pool)
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def _run_sweep(
+    sweep: Sweep,
+    shard: tuple[int, int] | None,
+    echo: Callable[[str], None],
+    devices: int,
+    datasets: list[str] | None,
+    batched: bool,
+    pool: WorkerPool | None,
+) -> Path:
     rd.write_text(sweep.out / SWEEP_COPY, sweep.text)
     todo = cells(sweep) if shard is None else shard_cells(cells(sweep), shard)
     if datasets is not None:
@@ -303,14 +322,13 @@ def run_sweep(
     jobs = [Job(f"[{k}/{len(units)}]", unit, members) for k, (unit, members) in enumerate(units.items(), 1)]
     failed_batches: dict[str, str] = {}
     if batched:
-        if devices * per_device > 1:
-            raise ConfigError("--batched trains in this process on one device; it takes no --devices or --per-device")
         failed_batches = _train_batched(sweep, jobs, echo)
         jobs = [job for job in jobs if job.unit not in failed_batches]
-    if devices * per_device == 1:
-        outcomes: Iterable[tuple[str, str | None]] = ((job.unit, _attempt(sweep, job, echo)) for job in jobs)
+    if pool is None:
+        outcomes: Iterable[tuple[str, str | None]] = ((job.unit, attempt(sweep, job, echo)) for job in jobs)
     else:
-        outcomes = _spread(sweep, jobs, devices, per_device, echo)
+        check_gpus(devices, sweep)
+        outcomes = pool.run([(sweep, job) for job in heaviest_first(jobs)], echo)
     failed = {**failed_batches, **{unit: error for unit, error in outcomes if error is not None}}
     if shard is None:
         collect(sweep, echo)
@@ -322,7 +340,7 @@ def run_sweep(
     return sweep.out
 
 
-def _attempt(sweep: Sweep, job: Job, echo: Callable[[str], None]) -> str | None:
+def attempt(sweep: Sweep, job: Job, echo: Callable[[str], None]) -> str | None:
     """Run a unit's unfinished cells; returns the error, if any (one broken cell must not cost a long sweep)."""
     pending = [c for c in job.members if not rd.RunDir(sweep.run_dir(c.id)).done]
     if not pending:
@@ -369,92 +387,15 @@ def heaviest_first(jobs: list[Job]) -> list[Job]:
     return sorted(jobs, key=lambda job: -job.weight)
 
 
-def _spread(
-    sweep: Sweep, jobs: list[Job], devices: int, per_device: int, echo: Callable[[str], None]
-) -> Iterator[tuple[str, str | None]]:
-    """(unit, error) of every job, run by `per_device` worker processes on each of `devices` GPUs, sharing one queue.
-
-    Without GPUs the workers run on the CPU (how the tests exercise this). Workers send their log lines
-    here, so `echo` is called in this process only.
-    """
-    gpus = [gpu for gpu in _worker_gpus(devices, sweep) for _ in range(per_device)]
-    context = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked processes
-    tasks, results = context.Queue(), context.Queue()
-    for job in [*heaviest_first(jobs), *[None] * len(gpus)]:  # one None per worker: the end of the queue
-        tasks.put(job)
-    workers = [context.Process(target=_worker, args=(sweep, tasks, results)) for _ in gpus]
-    # a spawned process starts with this environment, before it imports torch: one GPU and a share
-    # of the cores each (as torchrun does); N processes of all-core OpenMP pools oversubscribe the
-    # machine, and spinning OpenMP threads then slow every process down many times
-    child_env = {
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(worker_threads(len(gpus))),
-        DEVICE_DATA_SHARE_ENV: str(DEVICE_DATA_SHARE / per_device),  # workers of one GPU share its memory
-    }
-    for gpu, worker in zip(gpus, workers, strict=True):
-        with _environ({**child_env, "CUDA_VISIBLE_DEVICES": gpu}):
-            worker.start()
-    left = {job.unit for job in jobs}
-    try:
-        while left:
-            try:
-                kind, unit, text = results.get(timeout=1)
-            except queue.Empty:
-                if any(w.is_alive() for w in workers) or not results.empty():
-                    continue
-                break
-            if kind == "echo":
-                echo(text)
-            else:
-                left.discard(unit)
-                yield unit, text
-        for unit in sorted(left):  # a worker died (killed, out of memory) with these units taken or queued
-            yield unit, "its worker process ended before finishing it"
-    finally:
-        for worker in workers:
-            worker.join(timeout=5)
-            if worker.is_alive():
-                worker.terminate()
-
-
-def worker_threads(workers: int) -> int:
-    """CPU threads of each of `workers` sweep worker processes: an even share of the cores."""
-    return max(1, (os.cpu_count() or 1) // workers)
-
-
-@contextlib.contextmanager
-def _environ(values: dict[str, str | None]) -> Iterator[None]:
-    """Set (or, for None, leave alone) environment variables for the duration of the block."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update({k: v for k, v in values.items() if v is not None})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _worker_gpus(devices: int, sweep: Sweep) -> list[str | None]:
-    """CUDA_VISIBLE_DEVICES of each worker (one GPU each); None for every worker on a machine without GPUs."""
+def check_gpus(devices: int, sweep: Sweep) -> None:
+    """The machine has the `devices` GPUs the workers were given, and no cell pins a GPU of its own."""
     if not torch.cuda.is_available():
-        return [None] * devices
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-    if len(gpus) < devices:
-        raise ConfigError(f"--devices {devices}: only {len(gpus)} GPU(s) visible on this machine")
+        return  # CPU workers (how the tests exercise the pool)
+    if torch.cuda.device_count() < devices:
+        raise ConfigError(f"--devices {devices}: only {torch.cuda.device_count()} GPU(s) visible on this machine")
     for key, options in [("base", sweep.base), *((f"datasets.{k}", v) for k, v in sweep.datasets.items())]:
         if ":" in str(options.get("device", "")):
             raise ConfigError(f"{sweep.path}: {key}.device: --devices gives each worker one GPU; do not pin one")
-    return gpus[:devices]
-
-
-def _worker(sweep: Sweep, tasks: Any, results: Any) -> None:
-    """A worker process: runs units from `tasks` until it takes None, on the one GPU it sees (cuda:0)."""
-    for job in iter(tasks.get, None):
-        error = _attempt(sweep, job, lambda text: results.put(("echo", None, text)))
-        results.put(("done", job.unit, error))
 
 
 def _run_unit(sweep: Sweep, unit: str, first: Cell, pending: list[Cell], echo: Callable[[str], None]) -> None:
