@@ -39,3 +39,46 @@ def test_throughput_measures_the_reference_and_lnshift_side_by_side(tmp_path):
         variants["plain"]["img_per_s"] / variants["reference"]["img_per_s"]
     )
     assert report["results"][0]["train_gflop_per_image"] > 0 and "environment" in report
+
+
+def test_protocol_claims_pairs_cells_by_dataset_regime_and_seed(tmp_path):
+    # LN beats LP by 10 points in three (regime, seed) pairs and loses by 2 in the fourth
+    rows = []
+    for regime, fraction in (("f0.1", 0.1), ("f1", 1.0)):
+        for seed in (0, 1):
+            lp = 0.5 + 0.1 * seed
+            ln = lp - 0.02 if (regime, seed) == ("f1", 1) else lp + 0.1
+            for method, accuracy, lam in (("lp", lp, None), ("ln", ln, 1.0), ("ln+auto", ln, 1.5)):
+                rows.append(
+                    {
+                        "id": f"d/{method}/{regime}/s{seed}",
+                        "dataset": "d",
+                        "method": method,
+                        "regime": regime,
+                        "fraction": fraction,
+                        "shots": None,
+                        "seed": seed,
+                        "lambda": lam,
+                        "fsr_oracle": 0.8 if method != "lp" and regime != "f1" else None,
+                        "fsr_est": 1.2 if method != "lp" and regime != "f1" else None,
+                        "val.accuracy": accuracy,
+                        "test.holdout.accuracy": accuracy,
+                        "test.other.accuracy": 0.3,
+                    }
+                )
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"rows": rows, "seeds": [0, 1], "cells": 12, "missing": []}))
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "protocol_claims.py"), str(results)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "12 of 12 cells; 0 missing" in out
+    assert "| d f0.1 | 55.0 | 65.0 | 65.0 |" in out  # LP, LN, LN+auto: mean of seeds 0 and 1
+    assert "| LN vs LP | 3 / 0 / 1 | +7.0 |" in out  # (10 + 10 + 10 - 2) / 4
+    assert "| LN vs LP | +10.0 | +4.0 |" in out  # by regime: f0.1, f1
+    # FSR below 100 % data: oracle 0.8 (2 of 2 below 1), estimate 1.2, error 0.4, never on the same side
+    assert "| d | 0.80 (2 of 2) | 1.20 | 0.40 | 0 of 2 | 1.50 (4 / 0 / 0) |" in out
