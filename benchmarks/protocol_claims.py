@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -70,12 +70,6 @@ def accuracy_table(sweep: Sweep, seeds: int) -> str:
     return "\n".join(lines)
 
 
-def pairs(sweep: Sweep, method: str, against: str, view: str, keep: Callable[[tuple], bool]) -> tuple[list, list]:
-    a, b = sweep.keyed(method, view), sweep.keyed(against, view)
-    common = [k for k in a if k in b and keep(k)]
-    return [a[k] for k in common], [b[k] for k in common]
-
-
 def comparison_table(sweep: Sweep) -> str:
     lines = [
         "| comparison | ID: wins / ties / losses | ID mean diff | ID p | OOD: wins / ties / losses | OOD mean diff |",
@@ -84,7 +78,7 @@ def comparison_table(sweep: Sweep) -> str:
     for method, against in COMPARISONS:
         row = [f"{NAMES[method]} vs {NAMES[against]}"]
         for view in ("ID", "OOD"):
-            c = paired_compare(*pairs(sweep, method, against, view, lambda k: True))
+            c = paired_compare(*sweep.pairs(method, against, view))
             row.append(f"{c.wins} / {c.ties} / {c.losses}")
             row.append(f"{100 * c.mean_diff:+.1f}")
             if view == "ID":
@@ -99,7 +93,7 @@ def by_regime_table(sweep: Sweep) -> str:
     for method, against in COMPARISONS:
         cells = []
         for regime in sweep.regimes:
-            c = paired_compare(*pairs(sweep, method, against, "ID", lambda k, r=regime: k[1] == r))
+            c = paired_compare(*sweep.pairs(method, against, "ID", lambda k, r=regime: k[1] == r))
             cells.append(f"{100 * c.mean_diff:+.1f}" if c.n_pairs else "-")
         lines.append(f"| {NAMES[method]} vs {NAMES[against]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

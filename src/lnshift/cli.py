@@ -256,11 +256,11 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
 
 @command("sweep", "run a benchmark grid, restartable, with one results table", _sweep_options)
 def cmd_sweep(args: argparse.Namespace) -> int:
-    pool = None
-    if not args.collect and not args.batched and args.devices * args.per_device > 1:
-        from .workers import WorkerPool  # no torch: the workers start importing it now, alongside this process
+    from .workers import WorkerPool, worker_count  # no torch
 
-        pool = WorkerPool(args.devices, args.per_device)
+    pool = None
+    if not args.collect and not args.batched and worker_count(args.devices, args.per_device) > 1:
+        pool = WorkerPool(args.devices, args.per_device)  # the workers import torch now, alongside this process
     try:
         from .sweep import collect, load_sweep, parse_shard, run_sweep
 

@@ -34,7 +34,7 @@ from .evaluate import resolve_device
 from .fit import changed_options, fit
 from .phases import METHODS
 from .saved_run import estimate_fsr_of_run, fsr_of_run, rescale_run, run_budget
-from .workers import WorkerPool
+from .workers import WorkerPool, worker_count
 
 TOP_KEYS = ("out", "base", "datasets", "methods", "regimes", "seeds")
 # options each cell sets itself; a sweep file may not fix them in `base:` or a dataset
@@ -286,13 +286,12 @@ def run_sweep(
     workers, already started (the CLI starts them before it imports torch); this function closes it.
     """
     try:
-        if devices < 1 or per_device < 1:
-            raise ConfigError(f"--devices and --per-device must be >= 1, got {devices} and {per_device}")
-        if batched and devices * per_device > 1:
+        workers = worker_count(devices, per_device)
+        if batched and workers > 1:
             raise ConfigError("--batched trains in this process on one device; it takes no --devices or --per-device")
-        if pool is None and devices * per_device > 1:
+        if pool is None and workers > 1:
             pool = WorkerPool(devices, per_device)
-        return _run_sweep(sweep, shard, echo, devices, datasets, batched, pool)
+        return _run_sweep(sweep, shard, echo, datasets, batched, pool)
     finally:
         if pool is not None:
             pool.close()
@@ -302,7 +301,6 @@ def _run_sweep(
     sweep: Sweep,
     shard: tuple[int, int] | None,
     echo: Callable[[str], None],
-    devices: int,
     datasets: list[str] | None,
     batched: bool,
     pool: WorkerPool | None,
@@ -327,7 +325,7 @@ def _run_sweep(
     if pool is None:
         outcomes: Iterable[tuple[str, str | None]] = ((job.unit, attempt(sweep, job, echo)) for job in jobs)
     else:
-        check_gpus(devices, sweep)
+        check_gpus(pool.devices, sweep)
         outcomes = pool.run([(sweep, job) for job in heaviest_first(jobs)], echo)
     failed = {**failed_batches, **{unit: error for unit, error in outcomes if error is not None}}
     if shard is None:

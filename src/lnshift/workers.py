@@ -21,6 +21,13 @@ from .errors import ConfigError
 DIED = "its worker process ended before finishing it"
 
 
+def worker_count(devices: int, per_device: int) -> int:
+    """How many worker processes `--devices` x `--per-device` asks for (1: the sweep runs in-process)."""
+    if devices < 1 or per_device < 1:
+        raise ConfigError(f"--devices and --per-device must be >= 1, got {devices} and {per_device}")
+    return devices * per_device
+
+
 def worker_threads(workers: int) -> int:
     """CPU threads of each of `workers` processes: an even share of the cores (as torchrun gives)."""
     return max(1, (os.cpu_count() or 1) // workers)
@@ -57,9 +64,8 @@ class WorkerPool:
     """
 
     def __init__(self, devices: int, per_device: int) -> None:
-        if devices < 1 or per_device < 1:
-            raise ConfigError(f"--devices and --per-device must be >= 1, got {devices} and {per_device}")
-        self.devices, self.per_device = devices, per_device
+        worker_count(devices, per_device)
+        self.devices = devices
         gpus = [gpu for gpu in visible_gpus(devices) for _ in range(per_device)]
         context = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked processes
         self.tasks, self.results = context.Queue(), context.Queue()

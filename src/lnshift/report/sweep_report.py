@@ -107,6 +107,14 @@ class Sweep:
         value = self.views[view]
         return {(c.dataset, c.regime, c.seed): value(c) for c in self.cells if c.method == method}
 
+    def pairs(
+        self, method: str, against: str, view: str, keep: Callable[[tuple], bool] = lambda key: True
+    ) -> tuple[list[float], list[float]]:
+        """Scores of `method` and `against` on the (dataset, regime, seed) keys both have finite, and `keep`."""
+        a, b = self.keyed(method, view), self.keyed(against, view)
+        keys = [k for k in a if k in b and math.isfinite(a[k]) and math.isfinite(b[k]) and keep(k)]
+        return [a[k] for k in keys], [b[k] for k in keys]
+
     def best_baseline(self) -> str | None:
         """The baseline with the highest mean validation accuracy: chosen on validation, never on a test set."""
         means = {m: mean_std([c.val for c in self.cells if c.method == m])[0] for m in self.methods if m in BASELINES}
@@ -154,11 +162,10 @@ def results_section(sweep: Sweep) -> Section:
 
 
 def comparison_row(sweep: Sweep, method: str, against: str, view: str) -> list[str] | None:
-    a, b = sweep.keyed(method, view), sweep.keyed(against, view)
-    keys = [k for k in a if k in b and math.isfinite(a[k]) and math.isfinite(b[k])]
-    if not keys:
+    a, b = sweep.pairs(method, against, view)
+    if not a:
         return None
-    r = paired_compare([a[k] for k in keys], [b[k] for k in keys])
+    r = paired_compare(a, b)
     return [
         view,
         method,
