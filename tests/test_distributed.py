@@ -219,3 +219,15 @@ def test_sweep_workers_get_one_visible_gpu_each(tmp_path, monkeypatch):
     sw.check_gpus(2, sweep)
     with pytest.raises(ConfigError, match="--devices 4: only 3 GPU"):
         sw.check_gpus(4, sweep)
+
+
+def test_sweep_refuses_fewer_than_one_worker(tmp_path, capsys):
+    path = tmp_path / "s.yaml"
+    spec = {"out": str(tmp_path / "out"), "base": {}, "datasets": {"d": {"train": "x"}}, "methods": ["ln"]}
+    path.write_text(yaml.safe_dump({**spec, "regimes": [{"shots": 1}], "seeds": [0]}))
+    # the CLI checks before it starts any worker or imports the sweep code
+    assert main(["sweep", str(path), "--devices", "0"]) == 2
+    assert "--devices and --per-device must be >= 1, got 0 and 1" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="got 2 and -1"):
+        sw.run_sweep(sw.load_sweep(path), echo=lambda _: None, devices=2, per_device=-1)
+    assert not (tmp_path / "out" / "runs").exists()  # nothing trained
