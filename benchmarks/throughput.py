@@ -37,10 +37,12 @@ import numpy as np
 import timm
 import torch
 from PIL import Image
+from timm.layers import Mlp
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lnshift.backbones import load_backbone
+from lnshift.backbones.fused_mlp import FusedGeluMlp
 from lnshift.config import environment
 from lnshift.data import ImageDataset, open_source
 from lnshift.data.device import DeviceBatches, DeviceImages, to_device
@@ -55,6 +57,8 @@ PROFILED_STEPS = 3
 # lnshift's training variants: eager, torch.compile, + cuDNN attention first, + frozen weights in bf16,
 # + CUDA graphs (one launch per compiled forward / backward instead of hundreds of kernels),
 # + inductor's autotuned GEMM templates (which can fuse bias / GELU / residual epilogues; slow to compile)
+# + inductor's coordinate-descent tuning of its own Triton kernels' launch configurations;
+# -unfused: timm's MLP instead of lnshift's GELU-in-the-GEMM one (backbones.fused_mlp)
 TRAIN_VARIANTS = (
     "plain",
     "compiled",
@@ -62,8 +66,14 @@ TRAIN_VARIANTS = (
     "compiled-bf16",
     "compiled-bf16-graphs",
     "compiled-bf16-autotune",
+    "compiled-bf16-coord",
+    "compiled-bf16-unfused",
 )
-COMPILE_MODES = {"autotune": "max-autotune-no-cudagraphs", "graphs": "reduce-overhead"}
+COMPILE_ARGS = {  # variant suffix -> torch.compile keywords
+    "autotune": {"mode": "max-autotune-no-cudagraphs"},
+    "graphs": {"mode": "reduce-overhead"},
+    "coord": {"options": {"coordinate_descent_tuning": True}},
+}
 
 
 def write_jpegs(folder: Path, n: int, side: int, seed: int = 0) -> None:
@@ -105,8 +115,20 @@ def peak_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
 
 
+KERNEL_KINDS = (  # (kind, pattern of kernel names), first match wins
+    ("attention", r"sdpa|flash|fmha|cudnn::fusion|attention"),
+    ("matrix product", r"nvjet|gemm|cutlass|xmma|sm90_"),
+    ("triton reduction", r"^triton_(per|red)_"),
+    ("triton pointwise", r"^triton_poi_"),
+)
+
+
+def kernel_kind(name: str) -> str:
+    return next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, name)), "other")
+
+
 def print_profile(step: Callable[[], object], device: torch.device, steps: int = PROFILED_STEPS) -> None:
-    """Where a step's device time goes: the costliest kernels of a few steps."""
+    """Where a step's device time goes: milliseconds per step by kind of kernel, then the costliest kernels."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -114,8 +136,24 @@ def print_profile(step: Callable[[], object], device: torch.device, steps: int =
         for _ in range(steps):
             step()
         sync(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70), flush=True)
+    if device.type != "cuda":
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), flush=True)
+        return
+    kernels = [
+        e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total
+    ]
+    kernels.sort(key=lambda e: -e.self_device_time_total)
+    by_kind: dict[str, float] = {}
+    for e in kernels:
+        kind = kernel_kind(e.key)
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.self_device_time_total / 1e3 / steps
+    total = sum(by_kind.values())
+    print(f"device time per step {total:.2f} ms:", flush=True)
+    for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:<18} {ms:8.2f} ms  {ms / total:6.1%}")
+    print(f"{'ms/step':>8} {'calls':>6}  kernel")
+    for e in kernels[:45]:
+        print(f"{e.self_device_time_total / 1e3 / steps:8.3f} {e.count / steps:6.0f}  {e.key[:150]}", flush=True)
 
 
 def cudnn_attention() -> contextlib.AbstractContextManager:
@@ -176,9 +214,15 @@ def reference(args: argparse.Namespace, name: str, folder: Path, device: torch.d
 # ---------------------------------------------------------------- lnshift
 
 
-def lnshift_model(args: argparse.Namespace, name: str, device: torch.device) -> tuple[Classifier, list[str]]:
+def lnshift_model(
+    args: argparse.Namespace, name: str, device: torch.device, fused: bool = True
+) -> tuple[Classifier, list[str]]:
     torch.manual_seed(0)
     backbone = load_backbone(name, None, pretrained=False, model_kwargs=args.model_kwargs)
+    if not fused:
+        for module in backbone.modules():
+            if isinstance(module, FusedGeluMlp):
+                module.__class__ = Mlp
     model = Classifier(backbone, build_head("linear", backbone.feature_dim, backbone.token_dim, NUM_CLASSES))
     names = get_strategy("ln").select(model, StrategyOptions())
     set_trainable(model, names)
@@ -192,13 +236,15 @@ def lnshift_train(
     device: torch.device,
     compiled: bool,
     frozen_bf16: bool = False,
-    compile_mode: str | None = None,
+    compile_args: dict | None = None,
+    fused: bool = True,
 ) -> tuple[dict, dict[str, torch.Tensor], int]:
-    model, names = lnshift_model(args, name, device)
+    model, names = lnshift_model(args, name, device, fused)
     if frozen_bf16:  # what `lnshift fit --frozen-dtype bf16` does
         store_frozen(model, names, torch.bfloat16)
     optimizer = torch.optim.AdamW(param_groups(model, names, 0.05, False), lr=1e-3)
-    forward = torch.compile(model, mode=compile_mode) if compiled else model
+    compile_args = compile_args or {}
+    forward = torch.compile(model, **compile_args) if compiled else model
     loss_fn = nn.CrossEntropyLoss(reduction="sum")  # train_step takes the mean over the global batch
     n = args.warmup + args.steps + PROFILED_STEPS
     batches = iter(
@@ -212,7 +258,7 @@ def lnshift_train(
     )
 
     def step() -> None:
-        if compile_mode == "reduce-overhead":  # a new step: the graphs' output buffers may be reused
+        if compile_args.get("mode") == "reduce-overhead":  # a new step: the graphs' output buffers may be reused
             torch.compiler.cudagraph_mark_step_begin()
         x, y = next(batches)
         train_step(forward, x, y, optimizer, loss_fn, device, args.precision)
@@ -288,7 +334,8 @@ def bench_model(args: argparse.Namespace, name: str, folder: Path, device: torch
                     device,
                     compiled=variant != "plain",
                     frozen_bf16="bf16" in variant,
-                    compile_mode=COMPILE_MODES.get(variant.rsplit("-", 1)[-1]),
+                    compile_args=COMPILE_ARGS.get(variant.rsplit("-", 1)[-1]),
+                    fused="unfused" not in variant,
                 )
     for variant, compiled in (("eval", False), ("eval-compiled", True)):
         if variant in args.variants:
