@@ -37,12 +37,10 @@ import numpy as np
 import timm
 import torch
 from PIL import Image
-from timm.layers import Mlp
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lnshift.backbones import load_backbone
-from lnshift.backbones.fused_mlp import FusedGeluMlp
 from lnshift.config import environment
 from lnshift.data import ImageDataset, open_source
 from lnshift.data.device import DeviceBatches, DeviceImages, to_device
@@ -57,8 +55,7 @@ PROFILED_STEPS = 3
 # lnshift's training variants: eager, torch.compile, + cuDNN attention first, + frozen weights in bf16,
 # + CUDA graphs (one launch per compiled forward / backward instead of hundreds of kernels),
 # + inductor's autotuned GEMM templates (which can fuse bias / GELU / residual epilogues; slow to compile)
-# + inductor's coordinate-descent tuning of its own Triton kernels' launch configurations;
-# -unfused: timm's MLP instead of lnshift's GELU-in-the-GEMM one (backbones.fused_mlp)
+# + inductor's coordinate-descent tuning of its own Triton kernels' launch configurations
 TRAIN_VARIANTS = (
     "plain",
     "compiled",
@@ -67,7 +64,6 @@ TRAIN_VARIANTS = (
     "compiled-bf16-graphs",
     "compiled-bf16-autotune",
     "compiled-bf16-coord",
-    "compiled-bf16-unfused",
 )
 COMPILE_ARGS = {  # variant suffix -> torch.compile keywords
     "autotune": {"mode": "max-autotune-no-cudagraphs"},
@@ -214,15 +210,9 @@ def reference(args: argparse.Namespace, name: str, folder: Path, device: torch.d
 # ---------------------------------------------------------------- lnshift
 
 
-def lnshift_model(
-    args: argparse.Namespace, name: str, device: torch.device, fused: bool = True
-) -> tuple[Classifier, list[str]]:
+def lnshift_model(args: argparse.Namespace, name: str, device: torch.device) -> tuple[Classifier, list[str]]:
     torch.manual_seed(0)
     backbone = load_backbone(name, None, pretrained=False, model_kwargs=args.model_kwargs)
-    if not fused:
-        for module in backbone.modules():
-            if isinstance(module, FusedGeluMlp):
-                module.__class__ = Mlp
     model = Classifier(backbone, build_head("linear", backbone.feature_dim, backbone.token_dim, NUM_CLASSES))
     names = get_strategy("ln").select(model, StrategyOptions())
     set_trainable(model, names)
@@ -237,9 +227,8 @@ def lnshift_train(
     compiled: bool,
     frozen_bf16: bool = False,
     compile_args: dict | None = None,
-    fused: bool = True,
 ) -> tuple[dict, dict[str, torch.Tensor], int]:
-    model, names = lnshift_model(args, name, device, fused)
+    model, names = lnshift_model(args, name, device)
     if frozen_bf16:  # what `lnshift fit --frozen-dtype bf16` does
         store_frozen(model, names, torch.bfloat16)
     optimizer = torch.optim.AdamW(param_groups(model, names, 0.05, False), lr=1e-3)
@@ -335,7 +324,6 @@ def bench_model(args: argparse.Namespace, name: str, folder: Path, device: torch
                     compiled=variant != "plain",
                     frozen_bf16="bf16" in variant,
                     compile_args=COMPILE_ARGS.get(variant.rsplit("-", 1)[-1]),
-                    fused="unfused" not in variant,
                 )
     for variant, compiled in (("eval", False), ("eval-compiled", True)):
         if variant in args.variants:

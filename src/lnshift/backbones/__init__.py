@@ -12,7 +12,6 @@ import timm
 from ..errors import ModelError
 from . import registry
 from .base import Backbone, find_norms, norm_table
-from .fused_mlp import use_fused_mlp
 from .hf_backbone import load_hf
 from .openclip_backbone import load_open_clip
 from .patch_matmul import use_patch_matmul
@@ -80,9 +79,7 @@ def load_backbone(
     Order: lnshift registry name; `hf:PATH` or a folder whose config.json has `model_type`;
     `open_clip:ARCH`; a timm-format folder; otherwise a timm model name (`hf-hub:` included).
     `weights` (file or folder) replaces the library's own pretrained weights. Patch-embedding convs
-    run as matrix products (backbones.patch_matmul: same parameters, many times faster on GPUs), and
-    timm's GELU MLPs compute the activation inside their matrix products while their weights are
-    frozen (backbones.fused_mlp).
+    run as matrix products (backbones.patch_matmul: same parameters, many times faster on GPUs).
     """
     kwargs = dict(model_kwargs or {})
     if name in registry.list_models():
@@ -101,5 +98,4 @@ def load_backbone(
         raise _unknown(name)
     backbone.name = name
     use_patch_matmul(backbone)
-    use_fused_mlp(backbone)
     return backbone.eval()
