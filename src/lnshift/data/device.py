@@ -285,16 +285,18 @@ class DeviceBatches:
     def _train(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if not self.n_batches:
             return
-        order = self._order()
+        device = self.images.images.device
+        # the epoch's draws go to the device in one copy each: a copy from pageable host memory per
+        # batch would wait for the GPU to finish the previous step, so the host could never run ahead
+        order = self._order().to(device)
         if self.images.crops:
             height, width = self.images.images.shape[-2:]
-            boxes = crop_boxes(len(order), height, width, self.generator)
-            flips = torch.rand(len(order), generator=self.generator) < 0.5
-        device = self.images.images.device
+            boxes = crop_boxes(len(order), height, width, self.generator).to(device)
+            flips = (torch.rand(len(order), generator=self.generator) < 0.5).to(device)
         start, stop = shard_bounds(self.batch_size, self.rank, self.world)
         for lo in range(0, len(order), self.batch_size):
             sel = slice(lo + start, lo + stop)
-            idx = order[sel].to(device)
+            idx = order[sel]
             if self.images.crops:
                 x = augment(self.images, idx, boxes[sel], flips[sel])
             else:
