@@ -9,18 +9,57 @@ from typing import Any
 
 import timm
 import timm.data
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from ..errors import ModelError
 from .base import Backbone, load_state_dict_strict, merge_data_config, read_weights
 
 
+def reads_class_token(model: nn.Module) -> bool:
+    """A plain timm ViT whose pooling reads only the class token (index 0) of the final tokens."""
+    return (
+        type(model) is VisionTransformer
+        and getattr(model, "global_pool", None) == "token"
+        and getattr(model, "attn_pool", None) is None
+        and model.cls_token is not None
+        and len(model.blocks) > 0
+        and all(type(block) is Block for block in model.blocks)
+    )
+
+
+def class_token_features(model: VisionTransformer, x: Tensor) -> Tensor:
+    """`forward_features` for the class token only: (B, 1, D), equal to forward_features(x)[:, :1].
+
+    Why: with class-token pooling nothing reads the other tokens after the last block's attention,
+    so that block's projection-free tail (residual, norm2, the MLP) runs on one token instead of
+    N. Exact, gradients included: its attention still reads every token's keys and values. It saves
+    ~60 % of one block: ~5 % of a ViT-B/16 training or evaluation step, ~2.5 % of a ViT-L/16 one.
+    """
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    x = model.blocks[:-1](x)
+    last = model.blocks[-1]
+    x = x[:, :1] + last.drop_path1(last.ls1(last.attn(last.norm1(x))[:, :1]))
+    x = x + last.drop_path2(last.ls2(last.mlp(last.norm2(x))))
+    return model.norm(x)
+
+
 class TimmBackbone(Backbone):
-    """Pooled = `forward_head(pre_logits=True)`, so each model keeps its own pooling (CLS, avg, MAP)."""
+    """Pooled = `forward_head(pre_logits=True)`, so each model keeps its own pooling (CLS, avg, MAP).
+
+    `class_token_only`: pooled features come from `class_token_features` (set at load for plain
+    ViTs with class-token pooling and no gradient checkpointing; False gives timm's own path).
+    """
 
     family = "timm"
 
+    def __init__(self, model: nn.Module, name: str, **kwargs: Any) -> None:
+        super().__init__(model, name, **kwargs)
+        self.class_token_only = reads_class_token(model)
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.class_token_only and not self.model.grad_checkpointing:
+            return self.model.forward_head(class_token_features(self.model, x), pre_logits=True)
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
 
     def forward_tokens(self, x: Tensor) -> Tensor:
