@@ -42,7 +42,6 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lnshift.backbones import load_backbone
-from lnshift.backbones.gelu import LowPrecisionGELU
 from lnshift.config import environment
 from lnshift.data import ImageDataset, open_source
 from lnshift.data.device import DeviceBatches, DeviceImages, to_device
@@ -68,7 +67,6 @@ TRAIN_VARIANTS = (
     "compiled-bf16-autotune",
     "compiled-bf16-coord",
     "compiled-bf16-alltokens",
-    "compiled-bf16-torchgelu",
 )
 COMPILE_ARGS = {  # variant suffix -> torch.compile keywords
     "autotune": {"mode": "max-autotune-no-cudagraphs"},
@@ -216,17 +214,13 @@ def reference(args: argparse.Namespace, name: str, folder: Path, device: torch.d
 
 
 def lnshift_model(
-    args: argparse.Namespace, name: str, device: torch.device, all_tokens: bool = False, torch_gelu: bool = False
+    args: argparse.Namespace, name: str, device: torch.device, all_tokens: bool = False
 ) -> tuple[Classifier, list[str]]:
     """The LN-tuning classifier; `all_tokens`: timm's own forward, without the class-token shortcut."""
     torch.manual_seed(0)
     backbone = load_backbone(name, None, pretrained=False, model_kwargs=args.model_kwargs)
     if all_tokens and hasattr(backbone, "class_token_only"):
         backbone.class_token_only = False
-    if torch_gelu:
-        for module in backbone.modules():
-            if isinstance(module, LowPrecisionGELU):
-                module.__class__ = nn.GELU
     model = Classifier(backbone, build_head("linear", backbone.feature_dim, backbone.token_dim, NUM_CLASSES))
     names = get_strategy("ln").select(model, StrategyOptions())
     set_trainable(model, names)
@@ -242,9 +236,8 @@ def lnshift_train(
     frozen_bf16: bool = False,
     compile_args: dict | None = None,
     all_tokens: bool = False,
-    torch_gelu: bool = False,
 ) -> tuple[dict, dict[str, torch.Tensor], int]:
-    model, names = lnshift_model(args, name, device, all_tokens, torch_gelu)
+    model, names = lnshift_model(args, name, device, all_tokens)
     if frozen_bf16:  # what `lnshift fit --frozen-dtype bf16` does
         store_frozen(model, names, torch.bfloat16)
     optimizer = torch.optim.AdamW(param_groups(model, names, 0.05, False), lr=1e-3)
@@ -346,7 +339,6 @@ def bench_model(args: argparse.Namespace, name: str, folder: Path, device: torch
                     frozen_bf16="bf16" in variant,
                     compile_args=COMPILE_ARGS.get(variant.rsplit("-", 1)[-1]),
                     all_tokens="alltokens" in variant,
-                    torch_gelu="torchgelu" in variant,
                 )
     for variant, compiled in (("eval", False), ("eval-compiled", True)):
         if variant in args.variants:

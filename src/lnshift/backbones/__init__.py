@@ -12,7 +12,6 @@ import timm
 from ..errors import ModelError
 from . import registry
 from .base import Backbone, find_norms, norm_table
-from .gelu import use_low_precision_gelu
 from .hf_backbone import load_hf
 from .openclip_backbone import load_open_clip
 from .patch_matmul import use_patch_matmul
@@ -99,5 +98,4 @@ def load_backbone(
         raise _unknown(name)
     backbone.name = name
     use_patch_matmul(backbone)
-    use_low_precision_gelu(backbone)
     return backbone.eval()
