@@ -20,8 +20,8 @@ def reads_class_token(model: nn.Module) -> bool:
     """A plain timm ViT whose pooling reads only the class token (index 0) of the final tokens."""
     return (
         type(model) is VisionTransformer
-        and getattr(model, "global_pool", None) == "token"
-        and getattr(model, "attn_pool", None) is None
+        and model.global_pool == "token"
+        and model.attn_pool is None
         and model.cls_token is not None
         and len(model.blocks) > 0
         and all(type(block) is Block for block in model.blocks)
