@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lnshift.backbones import load_backbone
-from lnshift.backbones.timm_backbone import class_token_features
+from lnshift.backbones.timm_backbone import attention, class_token_features
 from lnshift.heads import Classifier, build_head
 from lnshift.loop import set_trainable
 from lnshift.strategies import StrategyOptions, get_strategy
@@ -28,7 +28,9 @@ def ln_tuned_pair(model_kwargs: dict) -> tuple[Classifier, Classifier, list[str]
     return model.train(), full.train(), names
 
 
-@pytest.mark.parametrize("model_kwargs", [TINY, {**TINY, "reg_tokens": 2, "init_values": 0.1}])
+@pytest.mark.parametrize(
+    "model_kwargs", [TINY, {**TINY, "reg_tokens": 2, "init_values": 0.1}, {**TINY, "qk_norm": True}]
+)
 def test_same_logits_and_layernorm_gradients(model_kwargs: dict) -> None:
     model, full, names = ln_tuned_pair(model_kwargs)
     assert model.backbone.class_token_only
@@ -70,3 +72,35 @@ def test_gradient_checkpointing_takes_timm_path(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr("lnshift.backbones.timm_backbone.class_token_features", lambda *a: calls.append(a) or None)
     model(torch.randn(2, 3, 32, 32))
     assert not calls
+
+
+@pytest.mark.parametrize("class_only", [False, True])
+def test_attention_apart_equals_timm_attention_with_gradients(class_only: bool) -> None:
+    """q, k, v from three products (and queries of the class token only) give timm's values and gradients."""
+    torch.manual_seed(0)
+    attn = load_backbone("test_vit", None, pretrained=False, model_kwargs=TINY).model.blocks[0].attn.double()
+    attn.qkv.bias.data.normal_()  # timm starts biases at zero, which would hide a bias mix-up
+    x = torch.randn(2, 17, attn.qkv.in_features, dtype=torch.float64, requires_grad=True)
+    ours = attention(attn, x, class_only)
+    theirs = attn(x)[:, :1] if class_only else attn(x)
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+    grad_out = torch.randn_like(ours)
+    wrt = [x, attn.qkv.weight, attn.qkv.bias]
+    for a, b in zip(torch.autograd.grad(ours, wrt, grad_out), torch.autograd.grad(theirs, wrt, grad_out), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_lora_wrapped_attention_runs_its_own_forward() -> None:
+    """A peft-wrapped qkv must not be bypassed: the shortcut then equals timm's path with the adapter applied."""
+    model, _, _ = ln_tuned_pair(TINY)
+    get_strategy("lora").prepare(model, StrategyOptions())
+    timm_model = model.backbone.model.double().eval()
+    for name, p in timm_model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_()  # peft starts B at zero: a bypassed adapter would go unnoticed
+    assert type(timm_model.blocks[0].attn.qkv) is not torch.nn.Linear
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(
+        class_token_features(timm_model, x), timm_model.forward_features(x)[:, :1], rtol=0, atol=1e-12
+    )
