@@ -3,6 +3,9 @@ and a training run that matches the workers pipeline when nothing random differs
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -279,3 +282,30 @@ def test_a_global_batch_smaller_than_the_process_count_is_refused(monkeypatch):
         loader(images, FitConfig(batch_size=2), train=True)
     cfg = FitConfig(batch_size=4, min_epoch_steps=1)  # 8 images: an epoch of 2 batches of 4
     assert len(loader(images, cfg, train=True, generator=torch.Generator())) == 2
+
+
+def test_crop_kernel_matches_roi_align_in_tritons_interpreter():
+    """The CUDA path's Triton kernel, run on the CPU by Triton's interpreter, against the roi_align path."""
+    pytest.importorskip("triton")
+    script = """
+import torch
+from lnshift.data import device as dd
+from lnshift.data.crop_kernel import resized_crops
+gen = torch.Generator().manual_seed(0)
+config = {"input_size": (3, 24, 20), "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)}
+raw = torch.randint(0, 256, (5, 3, 48, 44), dtype=torch.uint8, generator=gen)
+images = dd.DeviceImages(raw, torch.arange(5), config, crops=True)
+boxes = dd.crop_boxes(12, 48, 44, gen)
+boxes[0] = torch.tensor([0.0, 0, 44, 48])  # the whole image: sampling grids of 2 reach the far edges
+boxes[1] = torch.tensor([43.0, 47, 44, 48])  # one pixel in the corner
+idx = torch.randint(0, 5, (12,), generator=gen)
+flips = torch.rand(12, generator=gen) < 0.5
+expected = dd.augment(images, idx, boxes, flips)
+ours = resized_crops(raw, idx, boxes, flips, (24, 20), images.mean, images.std)
+assert ours.shape == expected.shape == (12, 3, 24, 20), ours.shape
+print((ours - expected).abs().max().item())
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.split()[-1]) < 1e-5

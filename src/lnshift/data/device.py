@@ -225,8 +225,25 @@ def crop_boxes(n: int, height: int, width: int, generator: torch.Generator) -> t
     return torch.stack([left, top, left + w, top + h], dim=1)
 
 
+def fused_crops() -> bool:
+    """Whether `crop_kernel` (Triton) can run: the one-kernel path on CUDA devices."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def augment(images: DeviceImages, idx: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-    """Crop `boxes` of images[idx], resize to the input size, flip where `flips`, normalise."""
+    """Crop `boxes` of images[idx], resize to the input size, flip where `flips`, normalise.
+
+    On CUDA this is one Triton kernel (`crop_kernel`), elsewhere roi_align and tensor operations:
+    the same arithmetic, so the same values to float rounding.
+    """
+    if images.images.is_cuda and fused_crops():
+        from lnshift.data.crop_kernel import resized_crops
+
+        return resized_crops(images.images, idx, boxes, flips, images.input_size, images.mean, images.std)
     x = images.images[idx].float()
     rois = torch.cat([torch.arange(len(idx), device=x.device, dtype=x.dtype)[:, None], boxes.to(x)], dim=1)
     out = roi_align(x, rois, output_size=images.input_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
