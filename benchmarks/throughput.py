@@ -12,7 +12,9 @@ this run: img/s, achieved TFLOP/s (torch's FLOP counter on one real step of the 
 class-token shortcut executes ~5 % less on ViT-B, so its figure is work-equivalent), the share of the
 ceiling (--peak-tflops, 790 = dense bf16 matrix rate measured on this workplace's H200), peak
 memory, and the ratio against the reference. `plain` and `compiled` train from the same
-initial values on the same batches, so their LayerNorm values are compared at the end.
+initial values on the same batches, so their LayerNorm values are compared at the end. --profile
+adds, per compiled variant: device time by kind of kernel, the GPU's idle time between kernels, the
+host time to launch one step, and the first host-device synchronisation inside a step, if any.
 
     python benchmarks/throughput.py --out benchmarks/results/throughput_h200.json     # on a GPU
     python benchmarks/throughput.py --smoke                                           # tiny, CPU, CI
@@ -31,6 +33,7 @@ import re
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -57,7 +60,9 @@ PROFILED_STEPS = 3
 # + CUDA graphs (one launch per compiled forward / backward instead of hundreds of kernels),
 # + inductor's autotuned GEMM templates (which can fuse bias / GELU / residual epilogues; slow to compile)
 # + inductor's coordinate-descent tuning of its own Triton kernels' launch configurations;
-# -alltokens: without the class-token shortcut (the last block's tail on every token, as timm does)
+# -alltokens: without the class-token shortcut (the last block's tail on every token, as timm does);
+# -oneqkv: the shortcut with timm's own attention modules (one qkv product, every query in the last block);
+# -roialign: crops through roi_align and tensor operations (the CPU path) instead of the Triton kernel
 TRAIN_VARIANTS = (
     "plain",
     "compiled",
@@ -67,6 +72,8 @@ TRAIN_VARIANTS = (
     "compiled-bf16-autotune",
     "compiled-bf16-coord",
     "compiled-bf16-alltokens",
+    "compiled-bf16-oneqkv",
+    "compiled-bf16-roialign",
 )
 COMPILE_ARGS = {  # variant suffix -> torch.compile keywords
     "autotune": {"mode": "max-autotune-no-cudagraphs"},
@@ -96,6 +103,18 @@ def timed(step: Callable[[], object], warmup: int, steps: int, device: torch.dev
         step()
     sync(device)
     return (time.perf_counter() - start) / steps
+
+
+def host_seconds(step: Callable[[], object], device: torch.device, tries: int = 3) -> float:
+    """Host time to launch one step onto an idle GPU (least of `tries`); near the device time, the host limits."""
+    best = math.inf
+    for _ in range(tries):
+        sync(device)
+        start = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - start)
+    sync(device)
+    return best
 
 
 def sync(device: torch.device) -> None:
@@ -153,6 +172,41 @@ def print_profile(step: Callable[[], object], device: torch.device, steps: int =
     print(f"{'ms/step':>8} {'calls':>6}  kernel")
     for e in kernels[:45]:
         print(f"{e.self_device_time_total / 1e3 / steps:8.3f} {e.count / steps:6.0f}  {e.key[:150]}", flush=True)
+    print_idle(prof, steps)
+
+
+def print_idle(prof: torch.profiler.profile, steps: int) -> None:
+    """How long the GPU sat idle between kernels, per step, and the longest gaps with their neighbours."""
+    spans = sorted(
+        (e.start_ns(), e.start_ns() + e.duration_ns(), e.name())
+        for e in prof.profiler.kineto_results.events()
+        if e.device_type() == torch.autograd.DeviceType.CUDA and e.duration_ns() > 0
+    )
+    gaps, end, before = [], spans[0][1], spans[0][2]
+    for start, stop, name in spans[1:]:
+        if start > end:
+            gaps.append(((start - end) / 1e3, before, name))
+        if stop > end:
+            end, before = stop, name
+    idle = sum(g for g, _, _ in gaps) / 1e3 / steps
+    print(f"GPU idle between kernels: {idle:.2f} ms per step in {len(gaps) / steps:.0f} gaps; the longest (us):")
+    for gap, after, next_name in sorted(gaps, reverse=True)[:8]:
+        print(f"  gap {gap:7.1f} us: {after[:60]} -> {next_name[:60]}", flush=True)
+
+
+def first_sync(step: Callable[[], object]) -> str:
+    """Where a step first makes the host wait for the GPU ('' when it never does): each wait idles the GPU."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    except RuntimeError as err:
+        frames = traceback.extract_tb(err.__traceback__)[-5:]
+        return f"{str(err).splitlines()[0]} at " + " <- ".join(
+            f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames)
+        )
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return ""
 
 
 def cudnn_attention() -> contextlib.AbstractContextManager:
@@ -161,6 +215,32 @@ def cudnn_attention() -> contextlib.AbstractContextManager:
 
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     return sdpa_kernel(order, set_priority=True)
+
+
+@contextlib.contextmanager
+def one_qkv() -> Iterator[None]:
+    """Variant -oneqkv: timm's own attention modules inside the class-token shortcut."""
+    import lnshift.backbones.timm_backbone as tb
+
+    kept = tb.attention
+    tb.attention = lambda attn, x, class_only=False: attn(x)[:, :1] if class_only else attn(x)
+    try:
+        yield
+    finally:
+        tb.attention = kept
+
+
+@contextlib.contextmanager
+def roi_align_crops() -> Iterator[None]:
+    """Variant -roialign: training crops through roi_align, as on the CPU, instead of the Triton kernel."""
+    import lnshift.data.device as dd
+
+    kept = dd.fused_crops
+    dd.fused_crops = lambda: False
+    try:
+        yield
+    finally:
+        dd.fused_crops = kept
 
 
 def forever(loader: torch.utils.data.DataLoader) -> Iterator:
@@ -250,7 +330,7 @@ def lnshift_train(
     compile_args = compile_args or {}
     forward = torch.compile(model, **compile_args) if compiled else model
     loss_fn = nn.CrossEntropyLoss(reduction="sum")  # train_step takes the mean over the global batch
-    n = args.warmup + args.steps + PROFILED_STEPS
+    n = args.warmup + args.steps + PROFILED_STEPS + 4  # + 4: host_seconds, first_sync
     batches = iter(
         DeviceBatches(
             images,
@@ -277,7 +357,13 @@ def lnshift_train(
         print_profile(step, device)
     params = dict(model.named_parameters())
     tuned = {k: params[k].detach().float().cpu() for k in names}
-    return {"seconds_per_step": seconds, "peak_gib": peak_gib(device), "first_step_s": first}, tuned, len(names)
+    row = {"seconds_per_step": seconds, "peak_gib": peak_gib(device), "first_step_s": first}
+    if compiled and args.profile and device.type == "cuda":  # last: a step stopped by an error is left half done
+        row["host_seconds_per_step"] = host_seconds(step, device)
+        print(f"host time to launch a step: {row['host_seconds_per_step'] * 1e3:.2f} ms", flush=True)
+        row["first_host_sync"] = first_sync(step)
+        print(f"first host sync in a step: {row['first_host_sync'] or 'none'}", flush=True)
+    return row, tuned, len(names)
 
 
 def train_flops(args: argparse.Namespace, name: str, device: torch.device) -> tuple[int, int]:
@@ -339,7 +425,11 @@ def bench_model(args: argparse.Namespace, name: str, folder: Path, device: torch
         rows["reference"] = reference(args, name, folder, device)
     for variant in TRAIN_VARIANTS:
         if variant in args.variants:
-            with cudnn_attention() if "cudnn" in variant else contextlib.nullcontext():
+            with (
+                cudnn_attention() if "cudnn" in variant else contextlib.nullcontext(),
+                one_qkv() if "oneqkv" in variant else contextlib.nullcontext(),
+                roi_align_crops() if "roialign" in variant else contextlib.nullcontext(),
+            ):
                 rows[variant], tuned[variant], _ = lnshift_train(
                     args,
                     name,
