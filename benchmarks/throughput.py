@@ -9,7 +9,7 @@ For each model, side by side on the same GPU (bf16 autocast, AdamW, the same bat
 - compiled: the same with torch.compile;
 then forward-only evaluation (bf16, inference mode), eager and compiled. Every figure is measured in
 this run: img/s, achieved TFLOP/s (torch's FLOP counter on one real step of the whole model; lnshift's
-class-token shortcut executes ~5 % less on ViT-B, so its figure is work-equivalent), the share of the
+class-token shortcut executes ~7 % less on ViT-B, so its figure is work-equivalent), the share of the
 ceiling (--peak-tflops, 790 = dense bf16 matrix rate measured on this workplace's H200), peak
 memory, and the ratio against the reference. `plain` and `compiled` train from the same
 initial values on the same batches, so their LayerNorm values are compared at the end. --profile
@@ -369,7 +369,7 @@ def lnshift_train(
 def train_flops(args: argparse.Namespace, name: str, device: torch.device) -> tuple[int, int]:
     """FLOPs of one LN-tuning step (forward + backward) at the benchmark's batch, counted by torch:
     (the whole model's, what lnshift executes). The first is the yardstick of every TFLOP/s and
-    ceiling figure, as the issue counts them; the class-token shortcut skips ~5 % of a ViT-B step."""
+    ceiling figure, as the issue counts them; the class-token shortcut skips ~7 % of a ViT-B step."""
     model, _ = lnshift_model(args, name, device)
     x = torch.randn(args.batch_size, *args.input_size, device=device)
     y = torch.zeros(args.batch_size, dtype=torch.long, device=device)

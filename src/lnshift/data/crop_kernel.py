@@ -48,7 +48,7 @@ def _crop_kernel(
     GW: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # b * 3 * OH * OW passes 2**31 for large batches of large inputs
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < OH * OW
     ph = offs // OW
