@@ -50,12 +50,7 @@ def crop_probe(batch: int, sources: int, side: int, out: int) -> dict:
         return resized_crops(raw, idx, boxes, flips, (out, out), images.mean, images.std)
 
     def roi_align_path() -> torch.Tensor:
-        fused = dd.fused_crops
-        dd.fused_crops = lambda: False
-        try:
-            return dd.augment(images, idx, boxes, flips)
-        finally:
-            dd.fused_crops = fused
+        return dd.roi_align_crops(images, idx, boxes, flips)
 
     return {
         "shape": [batch, 3, out, out],

@@ -231,7 +231,7 @@ def one_qkv() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def roi_align_crops() -> Iterator[None]:
+def through_roi_align() -> Iterator[None]:
     """Variant -roialign: training crops through roi_align, as on the CPU, instead of the Triton kernel."""
     import lnshift.data.device as dd
 
@@ -428,7 +428,7 @@ def bench_model(args: argparse.Namespace, name: str, folder: Path, device: torch
             with (
                 cudnn_attention() if "cudnn" in variant else contextlib.nullcontext(),
                 one_qkv() if "oneqkv" in variant else contextlib.nullcontext(),
-                roi_align_crops() if "roialign" in variant else contextlib.nullcontext(),
+                through_roi_align() if "roialign" in variant else contextlib.nullcontext(),
             ):
                 rows[variant], tuned[variant], _ = lnshift_train(
                     args,

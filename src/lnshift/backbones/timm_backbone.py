@@ -41,7 +41,7 @@ def attention(attn: nn.Module, x: Tensor, class_only: bool = False) -> Tensor:
     built differently (a LoRA-wrapped qkv, a gate, the non-fused path) run their own forward.
     """
     plain = type(attn) is Attention and type(attn.qkv) is nn.Linear and attn.fused_attn
-    if not plain or getattr(attn, "gate", None) is not None:
+    if not plain or getattr(attn, "gate", None) is not None:  # `gate`: timm >= 1.0.30 only
         return attn(x)[:, :1] if class_only else attn(x)
     weights = attn.qkv.weight.chunk(3)
     biases = attn.qkv.bias.chunk(3) if attn.qkv.bias is not None else (None, None, None)

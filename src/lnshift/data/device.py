@@ -17,6 +17,8 @@ the global batch and keeps its contiguous slice, so W processes see what one pro
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 import os
 import threading
@@ -225,25 +227,27 @@ def crop_boxes(n: int, height: int, width: int, generator: torch.Generator) -> t
     return torch.stack([left, top, left + w, top + h], dim=1)
 
 
+@functools.cache
 def fused_crops() -> bool:
-    """Whether `crop_kernel` (Triton) can run: the one-kernel path on CUDA devices."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether `crop_kernel` (Triton) can run: the one-kernel path on CUDA devices (asked once per process)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def augment(images: DeviceImages, idx: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     """Crop `boxes` of images[idx], resize to the input size, flip where `flips`, normalise.
 
-    On CUDA this is one Triton kernel (`crop_kernel`), elsewhere roi_align and tensor operations:
-    the same arithmetic, so the same values to float rounding.
+    On CUDA this is one Triton kernel (`crop_kernel`), elsewhere `roi_align_crops`: the same
+    arithmetic, so the same values to float rounding.
     """
     if images.images.is_cuda and fused_crops():
         from lnshift.data.crop_kernel import resized_crops
 
         return resized_crops(images.images, idx, boxes, flips, images.input_size, images.mean, images.std)
+    return roi_align_crops(images, idx, boxes, flips)
+
+
+def roi_align_crops(images: DeviceImages, idx: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """`augment` through torchvision's roi_align on a float copy of the sources, then flip and normalise."""
     x = images.images[idx].float()
     rois = torch.cat([torch.arange(len(idx), device=x.device, dtype=x.dtype)[:, None], boxes.to(x)], dim=1)
     out = roi_align(x, rois, output_size=images.input_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
