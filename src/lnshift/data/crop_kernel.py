@@ -101,10 +101,11 @@ def roi_params(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     boxes = boxes.float()
     start = boxes[:, :2] - 0.5
     extent = (boxes[:, 2:] - 0.5) - start
-    # (OW, OH) filled on the device: a tensor made from a list would be a copy from host memory, which
-    # waits for the GPU; and a true division, as roi_align's (CUDA multiplies by a Python number's inverse)
+    # (OW, OH) filled on the device: a tensor made from a list, or `divisor[1] = OH`, is a copy from
+    # host memory, which waits for the GPU to finish its queue; and a true division, as roi_align's
+    # (CUDA multiplies by a Python number's inverse)
     divisor = extent.new_full((2,), float(size[1]))
-    divisor[1] = size[0]
+    divisor[1:].fill_(float(size[0]))
     bins = extent / divisor
     grid = torch.ceil(bins)  # roi_align: ceil(roi_height / pooled_height), the same quotient
     count = (grid[:, :1] * grid[:, 1:]).clamp(min=1)
