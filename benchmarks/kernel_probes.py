@@ -1,8 +1,10 @@
-"""Two probes behind issue 7's profile, on one GPU: the crop kernel against the roi_align path, and the
-memory rate of inductor's pointwise kernels (exact GELU and its derivative against plain copies).
+"""Probes behind issue 7's profile, on one GPU: the crop kernel against the roi_align path, the memory
+rate of pointwise kernels (inductor's exact GELU and its derivative, the table GELU, plain copies),
+and the table GELU kernels against their torch lookup on every bf16 input.
 
 A pointwise kernel that reads and writes bf16 is limited by memory unless its arithmetic is costly;
-the probe shows which of the GELU kernels in a ViT step are (their shape: ViT-B/16's MLP at batch 256).
+the probe shows which of the GELU kernels in a ViT step are (their shape: the MLPs of ViT-B/16 and
+ViT-L/16 at batch 256).
 
     python benchmarks/kernel_probes.py --out benchmarks/results/kernel_probes_h200.json   # on a GPU
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lnshift.backbones import gelu_table
 from lnshift.config import environment
 from lnshift.data import device as dd
 from lnshift.data.crop_kernel import resized_crops
@@ -52,8 +55,18 @@ def crop_probe(batch: int, sources: int, side: int, out: int) -> dict:
     def roi_align_path() -> torch.Tensor:
         return dd.roi_align_crops(images, idx, boxes, flips)
 
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # a host-device sync per batch would idle the GPU every step
+    try:
+        kernel()
+        sync = ""
+    except RuntimeError as err:
+        sync = str(err).splitlines()[0]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
     return {
         "shape": [batch, 3, out, out],
+        "host_sync": sync,
         "source_side": side,
         "kernel_ms": milliseconds(kernel),
         "roi_align_path_ms": milliseconds(roi_align_path),
@@ -72,14 +85,33 @@ def pointwise_probe(rows: int, cols: int) -> dict:
         "gelu (tanh)": (lambda a: F.gelu(a, approximate="tanh"), (h,)),
         "x*y": (lambda a, b: a * b, (h, g)),
         "gelu backward (exact)": (lambda a, b: torch.ops.aten.gelu_backward(b, a), (h, g)),
+        "gelu (table)": (gelu_table.gelu_bf16, (h,)),
+        "gelu backward (table)": (lambda a, b: gelu_table.gelu_bf16_backward(b, a), (h, g)),
     }
     result = {}
     for name, (fn, args) in ops.items():
-        compiled = torch.compile(fn)
+        compiled = fn if "table" in name else torch.compile(fn)  # the table GELU is a custom op already
         ms = milliseconds(lambda compiled=compiled, args=args: compiled(*args))
         moved = (len(args) + 1) * h.numel() * h.element_size()
         result[name] = {"ms": ms, "tb_per_s": moved / ms / 1e9}
     return {"shape": [rows, cols], "dtype": "bfloat16", "ops": result}
+
+
+def table_gelu_check() -> dict:
+    """The table GELU kernels against `gelu_table`'s torch lookup: every bf16 input, 64 gradients each."""
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).repeat(64)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).bfloat16()
+
+    def mismatches(a: torch.Tensor, b: torch.Tensor) -> int:
+        return int((a.view(torch.int16) != b.view(torch.int16)).logical_and(~(a.isnan() & b.isnan())).sum())
+
+    return {
+        "inputs": x.numel(),
+        "forward_mismatches": mismatches(gelu_table.gelu_bf16(x.cuda()).cpu(), gelu_table.gelu_lookup(x)),
+        "backward_mismatches": mismatches(
+            gelu_table.gelu_bf16_backward(dy.cuda(), x.cuda()).cpu(), gelu_table.gelu_bf16_backward(dy, x)
+        ),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,15 +126,20 @@ def main(argv: list[str] | None = None) -> int:
         "hardware": torch.cuda.get_device_name(),
         "environment": environment(),
         "crops": crop_probe(batch=256, sources=2048, side=448, out=224),
-        "pointwise": pointwise_probe(rows=256 * 197, cols=3072),
+        "pointwise": [pointwise_probe(rows=256 * 197, cols=cols) for cols in (3072, 4096)],
+        "table_gelu": table_gelu_check(),
     }
     crops = report["crops"]
     print(
         f"crops {crops['shape']}: kernel {crops['kernel_ms']:.3f} ms, "
-        f"roi_align path {crops['roi_align_path_ms']:.3f} ms, max abs diff {crops['max_abs_diff']:.3g}"
+        f"roi_align path {crops['roi_align_path_ms']:.3f} ms, max abs diff {crops['max_abs_diff']:.3g}, "
+        f"host sync: {crops['host_sync'] or 'none'}"
     )
-    for name, row in report["pointwise"]["ops"].items():
-        print(f"{name:<24} {row['ms']:.3f} ms  {row['tb_per_s']:.2f} TB/s")
+    for probe in report["pointwise"]:
+        print("pointwise, bf16", probe["shape"])
+        for name, row in probe["ops"].items():
+            print(f"  {name:<24} {row['ms']:.3f} ms  {row['tb_per_s']:.2f} TB/s")
+    print("table GELU kernels vs torch lookup:", report["table_gelu"])
     if args.out:
         write_json(args.out, report)
     return 0

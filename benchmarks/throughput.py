@@ -62,7 +62,8 @@ PROFILED_STEPS = 3
 # + inductor's coordinate-descent tuning of its own Triton kernels' launch configurations;
 # -alltokens: without the class-token shortcut (the last block's tail on every token, as timm does);
 # -oneqkv: the shortcut with timm's own attention modules (one qkv product, every query in the last block);
-# -roialign: crops through roi_align and tensor operations (the CPU path) instead of the Triton kernel
+# -roialign: crops through roi_align and tensor operations (the CPU path) instead of the Triton kernel;
+# -erfgelu: torch's GELU (erf per element, inductor's kernels) instead of the table GELU
 TRAIN_VARIANTS = (
     "plain",
     "compiled",
@@ -74,6 +75,7 @@ TRAIN_VARIANTS = (
     "compiled-bf16-alltokens",
     "compiled-bf16-oneqkv",
     "compiled-bf16-roialign",
+    "compiled-bf16-erfgelu",
 )
 COMPILE_ARGS = {  # variant suffix -> torch.compile keywords
     "autotune": {"mode": "max-autotune-no-cudagraphs"},
@@ -138,6 +140,7 @@ KERNEL_KINDS = (  # (kind, pattern of kernel names), first match wins
     ("matrix product", r"nvjet|gemm|cutlass|xmma|sm90_"),
     ("triton reduction", r"^triton_(per|red)_"),
     ("triton pointwise", r"^triton_poi_"),
+    ("lnshift kernels", r"^_(gelu|gelu_backward|crop)_kernel$"),  # gelu_kernel.py, crop_kernel.py
 )
 
 
@@ -241,6 +244,19 @@ def through_roi_align() -> Iterator[None]:
         yield
     finally:
         dd.fused_crops = kept
+
+
+@contextlib.contextmanager
+def erf_gelu() -> Iterator[None]:
+    """Variant -erfgelu: backbones keep torch's GELU modules (no `use_table_gelu` at load)."""
+    import lnshift.backbones as bb
+
+    kept = bb.use_table_gelu
+    bb.use_table_gelu = lambda model: 0
+    try:
+        yield
+    finally:
+        bb.use_table_gelu = kept
 
 
 def forever(loader: torch.utils.data.DataLoader) -> Iterator:
@@ -429,6 +445,7 @@ def bench_model(args: argparse.Namespace, name: str, folder: Path, device: torch
                 cudnn_attention() if "cudnn" in variant else contextlib.nullcontext(),
                 one_qkv() if "oneqkv" in variant else contextlib.nullcontext(),
                 through_roi_align() if "roialign" in variant else contextlib.nullcontext(),
+                erf_gelu() if "erfgelu" in variant else contextlib.nullcontext(),
             ):
                 rows[variant], tuned[variant], _ = lnshift_train(
                     args,

@@ -12,6 +12,7 @@ import timm
 from ..errors import ModelError
 from . import registry
 from .base import Backbone, find_norms, norm_table
+from .gelu_table import use_table_gelu
 from .hf_backbone import load_hf
 from .openclip_backbone import load_open_clip
 from .patch_matmul import use_patch_matmul
@@ -79,7 +80,8 @@ def load_backbone(
     Order: lnshift registry name; `hf:PATH` or a folder whose config.json has `model_type`;
     `open_clip:ARCH`; a timm-format folder; otherwise a timm model name (`hf-hub:` included).
     `weights` (file or folder) replaces the library's own pretrained weights. Patch-embedding convs
-    run as matrix products (backbones.patch_matmul: same parameters, many times faster on GPUs).
+    run as matrix products (backbones.patch_matmul: same parameters, many times faster on GPUs), and
+    exact GELUs of bf16 activations by table lookup (backbones.gelu_table: correctly rounded, faster).
     """
     kwargs = dict(model_kwargs or {})
     if name in registry.list_models():
@@ -98,4 +100,5 @@ def load_backbone(
         raise _unknown(name)
     backbone.name = name
     use_patch_matmul(backbone)
+    use_table_gelu(backbone)
     return backbone.eval()
