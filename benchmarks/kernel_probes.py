@@ -1,6 +1,7 @@
 """Probes behind issue 7's profile, on one GPU: the crop kernel against the roi_align path, the memory
 rate of pointwise kernels (inductor's exact GELU and its derivative, the table GELU, plain copies),
-and the table GELU kernels against their torch lookup on every bf16 input.
+the table GELU kernels against their torch lookup on every bf16 input, cuBLAS against cuBLASLt on
+the ViTs' matrix products, and SDPA's attention backends at 197 tokens.
 
 A pointwise kernel that reads and writes bf16 is limited by memory unless its arithmetic is costly;
 the probe shows which of the GELU kernels in a ViT step are (their shape: the MLPs of ViT-B/16 and
@@ -114,6 +115,62 @@ def table_gelu_check() -> dict:
     }
 
 
+def gemm_rates(k: int, n: int, rows: int) -> dict:
+    """TFLOP/s of (rows, k) x (k, n) + bias and of its input gradient, through cuBLAS and cuBLASLt."""
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
+    tflop = 2 * rows * k * n / 1e12
+    row = {}
+    for library in ("cublas", "cublaslt"):
+        torch.backends.cuda.preferred_blas_library(library)
+        row[f"{library} forward"] = tflop / milliseconds(lambda: F.linear(x, w, b)) * 1e3
+        row[f"{library} input gradient"] = tflop / milliseconds(lambda: dy @ w) * 1e3
+    torch.backends.cuda.preferred_blas_library("cublas")
+    return row
+
+
+def gemm_probe(rows: int = 256 * 197) -> dict:
+    """The ViT-B / ViT-L products at batch 256 (qkv parts and proj, fc1, fc2), cuBLAS vs cuBLASLt."""
+    shapes = [
+        (k, n)
+        for width, hidden in ((768, 3072), (1024, 4096))
+        for k, n in ((width, width), (width, hidden), (hidden, width))
+    ]
+    return {"rows": rows, "tflop_per_s": {f"{k}->{n}": gemm_rates(k, n, rows) for k, n in shapes}}
+
+
+def attention_times(heads: int, batch: int, tokens: int, head_dim: int, flex: Callable) -> dict:
+    """ms of one attention layer's forward + backward per SDPA backend and FlexAttention."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (
+        torch.randn(batch, heads, tokens, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(3)
+    )
+    g = torch.randn_like(q)
+
+    def step(fn: Callable = F.scaled_dot_product_attention) -> None:
+        torch.autograd.grad(fn(q, k, v), (q, k, v), g)
+
+    row = {}
+    for name in ("cudnn", "flash", "efficient"):
+        with sdpa_kernel([getattr(SDPBackend, f"{name.upper()}_ATTENTION")]):
+            row[name] = milliseconds(step)
+    row["flex_attention"] = milliseconds(lambda: step(flex))
+    return row
+
+
+def attention_probe(batch: int = 256, tokens: int = 197, head_dim: int = 64) -> dict:
+    """Attention of ViT-B (12 heads) and ViT-L (16) layers at batch 256."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex = torch.compile(flex_attention)
+    times = {f"{h} heads": attention_times(h, batch, tokens, head_dim, flex) for h in (12, 16)}
+    return {"shape": [batch, "heads", tokens, head_dim], "forward_backward_ms": times}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
@@ -128,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         "crops": crop_probe(batch=256, sources=2048, side=448, out=224),
         "pointwise": [pointwise_probe(rows=256 * 197, cols=cols) for cols in (3072, 4096)],
         "table_gelu": table_gelu_check(),
+        "gemm": gemm_probe(),
+        "attention": attention_probe(),
     }
     crops = report["crops"]
     print(
@@ -140,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, row in probe["ops"].items():
             print(f"  {name:<24} {row['ms']:.3f} ms  {row['tb_per_s']:.2f} TB/s")
     print("table GELU kernels vs torch lookup:", report["table_gelu"])
+    for shape, row in report["gemm"]["tflop_per_s"].items():
+        print(f"GEMM {report['gemm']['rows']} x {shape}:", ", ".join(f"{k} {v:.0f}" for k, v in row.items()), "TFLOP/s")
+    for heads, row in report["attention"]["forward_backward_ms"].items():
+        print(f"attention forward + backward, {heads}:", ", ".join(f"{k} {v:.3f}" for k, v in row.items()), "ms")
     if args.out:
         write_json(args.out, report)
     return 0
