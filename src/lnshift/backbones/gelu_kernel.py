@@ -2,8 +2,9 @@
 
 Each program loads its table into registers once and looks its inputs up with `tl.gather`
 (through shared memory); the few inputs outside the table follow the rules `gelu_table` states.
-These kernels are limited by instruction count, not memory: on an H200 a program of 8,192
-elements (8 warps) was the fastest of the block sizes and persistent grids tried.
+Per element they still execute a few dozen instructions, so the block size matters: on an H200 a
+program of 8,192 elements (8 warps) was the fastest of those tried (persistent grids were not
+faster), at 3.8 / 4.2 TB/s forward / backward against a copy's 4.2.
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ def _gelu_backward_kernel(
 
 
 def _launch(kernel: triton.JITFunction, layout: Layout, n: int, *args: torch.Tensor) -> None:
+    if n == 0:  # an empty grid is not a launch
+        return
     kernel[(triton.cdiv(n, BLOCK),)](
         *args,
         n,

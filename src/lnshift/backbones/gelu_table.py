@@ -1,13 +1,13 @@
-"""The exact GELU of bf16 activations by table lookup: correctly rounded, and on a GPU as fast as a copy.
+"""The exact GELU of bf16 activations by table lookup: correctly rounded, and on a GPU near memory speed.
 
 Why: in LayerNorm tuning of a ViT nearly all weights are frozen, so after the matrix products the
-step's largest cost is the MLP's GELU and its backward, evaluated with erf and exp on every element
+step's largest cost was the MLP's GELU and its backward, evaluated with erf and exp on every element
 of the widest activation (14 % of a ViT-B/16 step on an H200, limited by that arithmetic, not by
-memory). A bf16 input has only 65,536 values. Outside 2**-9 <= |x| < 16 (2**-26 for the slope)
-GELU and its slope follow fixed rules (x / 2 and 1/2 below; x or -0 and 1 or 0 above), and the
-3,328 (7,680) values in between are computed once in float64 and rounded once: to bf16 for GELU (so it is correctly
-rounded; torch's float32 erf misses on 201 inputs by one unit) and to float32 for the slope (which
-multiplies the incoming gradient in float32, as torch's gelu_backward does).
+memory). A bf16 input has only 65,536 values. Outside 2**-9 <= |x| < 16 (2**-26 <= |x| < 16 for
+the slope) GELU and its slope follow fixed rules (x / 2 and 1/2 below; x or -0 and 1 or 0 above),
+and the 3,328 (7,680) values in between are computed once in float64 and rounded once: to bf16 for
+GELU, so it is correctly rounded (torch's float32 GELU differs on 200 inputs), and to float32 for
+the slope, which multiplies the incoming gradient in float32 as torch's gelu_backward does.
 
 `TableGELU` stands in for `nn.GELU()` (approximate="none"): bf16 inputs go through the custom op
 `lnshift::gelu_bf16` (Triton kernels on CUDA, `gelu_kernel`; a torch lookup elsewhere), other
