@@ -9,6 +9,7 @@ faster), at 3.8 / 4.2 TB/s forward / backward against a copy's 4.2.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -90,16 +91,19 @@ def _gelu_backward_kernel(
 def _launch(kernel: triton.JITFunction, layout: Layout, n: int, *args: torch.Tensor) -> None:
     if n == 0:  # an empty grid is not a launch
         return
-    kernel[(triton.cdiv(n, BLOCK),)](
-        *args,
-        n,
-        LO=layout.lo,
-        HI=layout.hi,
-        HALF=layout.half,
-        BLOCK=BLOCK,
-        BITWISE=os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=WARPS,
-    )
+    # Triton launches on the current CUDA device, which need not be the tensors' (`--device cuda:1`)
+    on_device = torch.cuda.device(args[0].device) if args[0].is_cuda else contextlib.nullcontext()
+    with on_device:
+        kernel[(triton.cdiv(n, BLOCK),)](
+            *args,
+            n,
+            LO=layout.lo,
+            HI=layout.hi,
+            HALF=layout.half,
+            BLOCK=BLOCK,
+            BITWISE=os.environ.get("TRITON_INTERPRET") == "1",
+            num_warps=WARPS,
+        )
 
 
 def gelu_forward(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
