@@ -10,14 +10,15 @@ GELU, so it is correctly rounded (torch's float32 GELU differs on 200 inputs), a
 the slope, which multiplies the incoming gradient in float32 as torch's gelu_backward does.
 
 `TableGELU` stands in for `nn.GELU()` (approximate="none"): bf16 inputs go through the custom op
-`lnshift::gelu_bf16` (Triton kernels on CUDA, `gelu_kernel`; a torch lookup elsewhere), other
-dtypes through F.gelu. `use_table_gelu(model)` swaps it in.
+`lnshift::gelu_bf16` (Triton kernels on CUDA, `gelu_kernel`; a torch lookup elsewhere or without
+Triton), other dtypes through F.gelu. `use_table_gelu(model)` swaps it in.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from types import ModuleType
 from typing import NamedTuple
 
 import torch
@@ -103,25 +104,31 @@ def slope_lookup(x: Tensor) -> Tensor:
     return torch.where(mag >= 0x7F80, math.nan, slope)  # inf and NaN: NaN, as torch
 
 
+@functools.cache
+def _kernels() -> ModuleType | None:
+    """The Triton kernels, or None where Triton is missing (torch's CUDA wheels for Linux bring it)."""
+    try:
+        from . import gelu_kernel
+    except ImportError:
+        return None
+    return gelu_kernel
+
+
 @torch.library.custom_op("lnshift::gelu_bf16", mutates_args=())
 def gelu_bf16(x: Tensor) -> Tensor:
     """Exact GELU of a bf16 tensor, correctly rounded (contiguous result)."""
     x = x.contiguous()
-    if x.is_cuda:
-        from .gelu_kernel import gelu_forward
-
-        return gelu_forward(x, tables(x.device)[0])
-    return gelu_lookup(x)
+    kernels = _kernels() if x.is_cuda else None
+    return kernels.gelu_forward(x, tables(x.device)[0]) if kernels else gelu_lookup(x)
 
 
 @torch.library.custom_op("lnshift::gelu_bf16_backward", mutates_args=())
 def gelu_bf16_backward(dy: Tensor, x: Tensor) -> Tensor:
     """dy * GELU'(x) for bf16 dy and x, the product taken in float32 and rounded once (contiguous result)."""
     dy, x = dy.contiguous(), x.contiguous()
-    if x.is_cuda:
-        from .gelu_kernel import gelu_backward
-
-        return gelu_backward(dy, x, tables(x.device)[1])
+    kernels = _kernels() if x.is_cuda else None
+    if kernels:
+        return kernels.gelu_backward(dy, x, tables(x.device)[1])
     return (dy.float() * slope_lookup(x)).bfloat16()
 
 
