@@ -36,6 +36,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import timm
@@ -44,6 +45,9 @@ from PIL import Image
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+import lnshift.backbones as backbones
+import lnshift.backbones.timm_backbone as tb
+import lnshift.data.device as dd
 from lnshift.backbones import load_backbone
 from lnshift.config import environment
 from lnshift.data import ImageDataset, open_source
@@ -220,43 +224,26 @@ def cudnn_attention() -> contextlib.AbstractContextManager:
     return sdpa_kernel(order, set_priority=True)
 
 
-@contextlib.contextmanager
-def one_qkv() -> Iterator[None]:
-    """Variant -oneqkv: timm's own attention modules inside the class-token shortcut."""
-    import lnshift.backbones.timm_backbone as tb
-
-    kept = tb.attention
-    tb.attention = lambda attn, x, class_only=False: attn(x)[:, :1] if class_only else attn(x)
-    try:
-        yield
-    finally:
-        tb.attention = kept
+# variant suffix -> (module, attribute, stand-in): the code swap an ablation variant measures, undone after it
+ABLATIONS = {
+    # timm's own attention modules inside the class-token shortcut (one qkv product, every query)
+    "oneqkv": (tb, "attention", lambda attn, x, class_only=False: attn(x)[:, :1] if class_only else attn(x)),
+    # training crops through roi_align, as on the CPU, instead of the Triton kernel
+    "roialign": (dd, "fused_crops", lambda: False),
+    # backbones keep torch's GELU modules (no `use_table_gelu` at load)
+    "erfgelu": (backbones, "use_table_gelu", lambda model: 0),
+}
 
 
-@contextlib.contextmanager
-def through_roi_align() -> Iterator[None]:
-    """Variant -roialign: training crops through roi_align, as on the CPU, instead of the Triton kernel."""
-    import lnshift.data.device as dd
-
-    kept = dd.fused_crops
-    dd.fused_crops = lambda: False
-    try:
-        yield
-    finally:
-        dd.fused_crops = kept
-
-
-@contextlib.contextmanager
-def erf_gelu() -> Iterator[None]:
-    """Variant -erfgelu: backbones keep torch's GELU modules (no `use_table_gelu` at load)."""
-    import lnshift.backbones as bb
-
-    kept = bb.use_table_gelu
-    bb.use_table_gelu = lambda model: 0
-    try:
-        yield
-    finally:
-        bb.use_table_gelu = kept
+def variant_context(variant: str) -> contextlib.ExitStack:
+    """cuDNN attention first and the ABLATIONS swaps that `variant`'s name asks for."""
+    stack = contextlib.ExitStack()
+    if "cudnn" in variant:
+        stack.enter_context(cudnn_attention())
+    for suffix, (module, attribute, stand_in) in ABLATIONS.items():
+        if suffix in variant:
+            stack.enter_context(mock.patch.object(module, attribute, stand_in))
+    return stack
 
 
 def forever(loader: torch.utils.data.DataLoader) -> Iterator:
@@ -441,12 +428,7 @@ def bench_model(args: argparse.Namespace, name: str, folder: Path, device: torch
         rows["reference"] = reference(args, name, folder, device)
     for variant in TRAIN_VARIANTS:
         if variant in args.variants:
-            with (
-                cudnn_attention() if "cudnn" in variant else contextlib.nullcontext(),
-                one_qkv() if "oneqkv" in variant else contextlib.nullcontext(),
-                through_roi_align() if "roialign" in variant else contextlib.nullcontext(),
-                erf_gelu() if "erfgelu" in variant else contextlib.nullcontext(),
-            ):
+            with variant_context(variant):
                 rows[variant], tuned[variant], _ = lnshift_train(
                     args,
                     name,
