@@ -20,6 +20,7 @@ from .gelu_table import GELU_LAYOUT, SLOPE_LAYOUT, Layout
 
 BLOCK = 8192  # elements per program
 WARPS = 8
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter, chosen at import as Triton does
 
 
 @triton.jit
@@ -101,7 +102,7 @@ def _launch(kernel: triton.JITFunction, layout: Layout, n: int, *args: torch.Ten
             HI=layout.hi,
             HALF=layout.half,
             BLOCK=BLOCK,
-            BITWISE=os.environ.get("TRITON_INTERPRET") == "1",
+            BITWISE=INTERPRETED,
             num_warps=WARPS,
         )
 
