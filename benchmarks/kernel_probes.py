@@ -1,13 +1,15 @@
 """Probes behind issue 7's profile, on one GPU: the crop kernel against the roi_align path, the memory
 rate of pointwise kernels (inductor's exact GELU and its derivative, the table GELU, plain copies),
 the table GELU kernels against their torch lookup on every bf16 input, cuBLAS against cuBLASLt on
-the ViTs' matrix products, and SDPA's attention backends at 197 tokens.
+the ViTs' matrix products, SDPA's attention backends at 197 tokens, and inductor's autotuned GEMM
+templates with the MLP's GELU fused into their epilogue against cuBLAS + the table GELU.
 
 A pointwise kernel that reads and writes bf16 is limited by memory unless its arithmetic is costly;
 the probe shows which of the GELU kernels in a ViT step are (their shape: the MLPs of ViT-B/16 and
 ViT-L/16 at batch 256).
 
     python benchmarks/kernel_probes.py --out benchmarks/results/kernel_probes_h200.json   # on a GPU
+    python benchmarks/kernel_probes.py --parts epilogue   # one probe (PARTS)
 """
 
 from __future__ import annotations
@@ -171,10 +173,60 @@ def attention_probe(batch: int = 256, tokens: int = 197, head_dim: int = 64) -> 
     return {"shape": [batch, "heads", tokens, head_dim], "forward_backward_ms": times}
 
 
+def epilogue_times(width: int, hidden: int, rows: int) -> dict:
+    """ms of the MLP's GELU with fc1 (forward) and its derivative with fc2's input gradient (backward).
+
+    `cublas`: the step's kernels (cuBLAS product, then the table GELU kernel); `fused`: torch.compile
+    with max-autotune over cuBLAS and inductor's persistent-TMA Triton templates, which can take the
+    erf GELU into the product's epilogue (inductor benchmarks fused against unfused and keeps the
+    faster); `fused_triton`: the templates alone, so the GELU is always in the epilogue.
+    """
+    x, dy = (torch.randn(rows, width, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    w1 = (torch.randn(hidden, width, device="cuda") / width**0.5).bfloat16()
+    b1 = (torch.randn(hidden, device="cuda") / 10).bfloat16()
+    w2 = (torch.randn(width, hidden, device="cuda") / hidden**0.5).bfloat16()
+    h = F.linear(x, w1, b1)
+
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pre = F.linear(x, w1, b1)
+        return pre, F.gelu(pre)
+
+    def backward(dy: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten.gelu_backward(dy @ w2, h)
+
+    row = {
+        "cublas forward": milliseconds(lambda: gelu_table.gelu_bf16(F.linear(x, w1, b1))),
+        "cublas backward": milliseconds(lambda: gelu_table.gelu_bf16_backward(dy @ w2, h)),
+        "cublas product alone": milliseconds(lambda: F.linear(x, w1, b1)),
+    }
+    for name, backends in (("fused", "ATEN,TRITON"), ("fused_triton", "TRITON")):
+        options = {"max_autotune": True, "max_autotune_gemm_backends": backends}
+        options["triton.enable_persistent_tma_matmul"] = True
+        for direction, fn, args in (("forward", forward, (x,)), ("backward", backward, (dy, h))):
+            torch._dynamo.reset()
+            compiled = torch.compile(fn, options=options)
+            row[f"{name} {direction}"] = milliseconds(lambda compiled=compiled, args=args: compiled(*args))
+    return row
+
+
+def epilogue_probe(rows: int = 256 * 197) -> dict:
+    """The MLPs of ViT-B and ViT-L at batch 256: GELU in the GEMM's epilogue or as its own kernel."""
+    shapes = ((768, 3072), (1024, 4096))
+    return {"rows": rows, "ms": {f"{w}->{h}": epilogue_times(w, h, rows) for w, h in shapes}}
+
+
+PARTS = ("crops", "pointwise", "table_gelu", "gemm", "attention", "epilogue")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     args = parser.parse_args(argv)
+    parts = args.parts.split(",")
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"--parts: unknown {', '.join(unknown)} (choose from {', '.join(PARTS)})")
     if not torch.cuda.is_available():
         print("kernel_probes.py measures GPU kernels: no CUDA device here", file=sys.stderr)
         return 2
@@ -182,30 +234,48 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([sys.executable, *sys.argv]),
         "hardware": torch.cuda.get_device_name(),
         "environment": environment(),
-        "crops": crop_probe(batch=256, sources=2048, side=448, out=224),
-        "pointwise": [pointwise_probe(rows=256 * 197, cols=cols) for cols in (3072, 4096)],
-        "table_gelu": table_gelu_check(),
-        "gemm": gemm_probe(),
-        "attention": attention_probe(),
     }
-    crops = report["crops"]
-    print(
-        f"crops {crops['shape']}: kernel {crops['kernel_ms']:.3f} ms, "
-        f"roi_align path {crops['roi_align_path_ms']:.3f} ms, max abs diff {crops['max_abs_diff']:.3g}, "
-        f"host sync: {crops['host_sync'] or 'none'}"
-    )
-    for probe in report["pointwise"]:
-        print("pointwise, bf16", probe["shape"])
-        for name, row in probe["ops"].items():
-            print(f"  {name:<24} {row['ms']:.3f} ms  {row['tb_per_s']:.2f} TB/s")
-    print("table GELU kernels vs torch lookup:", report["table_gelu"])
-    for shape, row in report["gemm"]["tflop_per_s"].items():
-        print(f"GEMM {report['gemm']['rows']} x {shape}:", ", ".join(f"{k} {v:.0f}" for k, v in row.items()), "TFLOP/s")
-    for heads, row in report["attention"]["forward_backward_ms"].items():
-        print(f"attention forward + backward, {heads}:", ", ".join(f"{k} {v:.3f}" for k, v in row.items()), "ms")
+    probes: dict[str, Callable[[], object]] = {
+        "crops": lambda: crop_probe(batch=256, sources=2048, side=448, out=224),
+        "pointwise": lambda: [pointwise_probe(rows=256 * 197, cols=cols) for cols in (3072, 4096)],
+        "table_gelu": table_gelu_check,
+        "gemm": gemm_probe,
+        "attention": attention_probe,
+        "epilogue": epilogue_probe,
+    }
+    for part in parts:
+        report[part] = probes[part]()
+    print_report(report)
     if args.out:
         write_json(args.out, report)
     return 0
+
+
+def joined(row: dict[str, float], digits: int) -> str:
+    return ", ".join(f"{k} {v:.{digits}f}" for k, v in row.items())
+
+
+def print_report(report: dict) -> None:
+    """One line per measurement of the parts that ran."""
+    if "crops" in report:
+        crops = report["crops"]
+        print(
+            f"crops {crops['shape']}: kernel {crops['kernel_ms']:.3f} ms, "
+            f"roi_align path {crops['roi_align_path_ms']:.3f} ms, max abs diff {crops['max_abs_diff']:.3g}, "
+            f"host sync: {crops['host_sync'] or 'none'}"
+        )
+    for probe in report.get("pointwise", []):
+        print("pointwise, bf16", probe["shape"])
+        for name, row in probe["ops"].items():
+            print(f"  {name:<24} {row['ms']:.3f} ms  {row['tb_per_s']:.2f} TB/s")
+    if "table_gelu" in report:
+        print("table GELU kernels vs torch lookup:", report["table_gelu"])
+    for shape, row in report.get("gemm", {}).get("tflop_per_s", {}).items():
+        print(f"GEMM {report['gemm']['rows']} x {shape}: {joined(row, 0)} TFLOP/s")
+    for heads, row in report.get("attention", {}).get("forward_backward_ms", {}).items():
+        print(f"attention forward + backward, {heads}: {joined(row, 3)} ms")
+    for shape, row in report.get("epilogue", {}).get("ms", {}).items():
+        print(f"MLP {report['epilogue']['rows']} x {shape}: {joined(row, 3)} ms")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import math
@@ -63,11 +64,13 @@ PROFILED_STEPS = 3
 # lnshift's training variants: eager, torch.compile, + cuDNN attention first, + frozen weights in bf16,
 # + CUDA graphs (one launch per compiled forward / backward instead of hundreds of kernels),
 # + inductor's autotuned GEMM templates (which can fuse bias / GELU / residual epilogues; slow to compile)
-# + inductor's coordinate-descent tuning of its own Triton kernels' launch configurations;
+# + inductor's coordinate-descent tuning of its own Triton kernels' launch configurations,
+# + inductor without its mixed-order (row + column) reductions, + inductor's combo (horizontally fused) kernels;
 # -alltokens: without the class-token shortcut (the last block's tail on every token, as timm does);
 # -oneqkv: the shortcut with timm's own attention modules (one qkv product, every query in the last block);
 # -roialign: crops through roi_align and tensor operations (the CPU path) instead of the Triton kernel;
-# -erfgelu: torch's GELU (erf per element, inductor's kernels) instead of the table GELU
+# -erfgelu: torch's GELU (erf per element, inductor's kernels) instead of the table GELU;
+# -fusedadam: AdamW as one fused kernel (fused=True) instead of its multi-tensor (foreach) kernels
 TRAIN_VARIANTS = (
     "plain",
     "compiled",
@@ -76,15 +79,21 @@ TRAIN_VARIANTS = (
     "compiled-bf16-graphs",
     "compiled-bf16-autotune",
     "compiled-bf16-coord",
+    "compiled-bf16-nomix",
+    "compiled-bf16-combo",
     "compiled-bf16-alltokens",
     "compiled-bf16-oneqkv",
     "compiled-bf16-roialign",
     "compiled-bf16-erfgelu",
+    "compiled-bf16-fusedadam",
 )
+VARIANTS = ("reference", *TRAIN_VARIANTS, "eval", "eval-compiled")
 COMPILE_ARGS = {  # variant suffix -> torch.compile keywords
     "autotune": {"mode": "max-autotune-no-cudagraphs"},
     "graphs": {"mode": "reduce-overhead"},
     "coord": {"options": {"coordinate_descent_tuning": True}},
+    "nomix": {"options": {"triton.mix_order_reduction": False}},
+    "combo": {"options": {"combo_kernels": True}},
 }
 
 
@@ -232,6 +241,8 @@ ABLATIONS = {
     "roialign": (dd, "fused_crops", lambda: False),
     # backbones keep torch's GELU modules (no `use_table_gelu` at load)
     "erfgelu": (backbones, "use_table_gelu", lambda model: 0),
+    # AdamW's fused single-kernel step
+    "fusedadam": (torch.optim, "AdamW", functools.partial(torch.optim.AdamW, fused=True)),
 }
 
 
@@ -515,6 +526,9 @@ def main(argv: list[str] | None = None) -> int:
         args.steps, args.warmup, args.workers, args.images = 2, 2, 2, 32
         args.variants, args.device = "reference,plain,eval", "cpu"
     args.variants = set(args.variants.split(","))
+    unknown = sorted(args.variants - set(VARIANTS))
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(VARIANTS)})")
     device = torch.device(args.device)
     report = {
         "command": " ".join([sys.executable, *sys.argv]),

@@ -41,6 +41,17 @@ def test_throughput_measures_the_reference_and_lnshift_side_by_side(tmp_path):
     assert report["results"][0]["train_gflop_per_image"] > 0 and "environment" in report
 
 
+@pytest.mark.parametrize(
+    ("script", "option"), [("throughput.py", "--variants=compiled-bf16-grafs"), ("kernel_probes.py", "--parts=gem")]
+)
+def test_unknown_variants_and_parts_are_refused_by_name(script, option):
+    command = [sys.executable, str(BENCHMARKS / script), option]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    name, value = option.split("=")
+    assert f"{name}: unknown {value} (choose from" in done.stderr
+
+
 def test_protocol_claims_pairs_cells_by_dataset_regime_and_seed(tmp_path):
     # LN beats LP by 10 points in three (regime, seed) pairs and loses by 2 in the fourth
     rows = []
