@@ -2,14 +2,20 @@
 
 (a) one by one: each run trained alone (loop.run_phase per phase), then its lambda grid scored one
     lambda at a time;
-(b) batched: all 12 runs in one multirun.train_runs call, then the 12 x 13 rescaled models scored
-    together (multirun.run_logits, one pass per validation chunk);
+(b) batched: the runs of equal length in one multirun.train_runs call each (all 12 at once when every
+    run has the same steps), then the 12 x 13 rescaled models scored together (multirun.run_logits,
+    one pass per validation chunk);
 (c) reference: one `ln` run on 100 % of the data, of the same length and batch size, with its 13
     rescaled models scored the same batched way.
-Every run gets the same step budget (--steps) and per-run batch (--batch-size). The target is
-(b) <= 3 x (c). Training and the grid are timed separately; the ratios use their sum.
+The target is (b) <= 3 x (c). Training and the grid are timed separately; the ratios use their sum.
+Issue 7 does not say what "the same length" is for runs on different fractions, so both readings:
+- `--length steps` (default): every run, (c) included, takes --steps optimiser steps;
+- `--length epochs`: every run takes --epochs passes over its own training images, so a 2 % run
+  is 1/50 as long as (c).
+Every run has the same per-run batch (--batch-size); --fractions gives the 4 data fractions.
 
     python benchmarks/sweep_cost.py --model vit_base_patch16_224 --steps 200 --device cuda
+    python benchmarks/sweep_cost.py --model vit_base_patch16_224 --length epochs --epochs 2 --fractions 0.02,0.05,0.1,1
     python benchmarks/sweep_cost.py --smoke    # tiny model on the CPU, seconds (CI)
 
 Data: --data DIR (ImageFolder classes) or a synthetic set of smooth random images tinted by a class
@@ -19,7 +25,7 @@ colour. Images live on the device as uint8; batches are drawn, flipped and norma
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -39,9 +45,11 @@ from lnshift.fit import build_model
 from lnshift.lambdas import DEFAULT_GRID, choose
 from lnshift.loop import restore
 from lnshift.multirun import initial_states, norms_of, run_logits, train_alone, train_runs
+from lnshift.phases import phases_for
+from lnshift.rundir import write_json
 from lnshift.shift import rescale
 
-FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+FRACTIONS = "0.25,0.5,0.75,1"
 SEEDS = (0, 1, 2)
 TINY = {"img_size": 32, "patch_size": 8}
 SMOKE = {"model": "lnshift/test-vit", "steps": 8, "batch_size": 4, "images": 256, "val": 16, "device": "cpu"}
@@ -114,10 +122,29 @@ def stream(images: Images, pool: Tensor, run: int, batch_size: int) -> Callable[
     return batch
 
 
+def fractions(text: str) -> list[float]:
+    """--fractions: comma-separated, each in (0, 1]."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    if not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every fraction must be in (0, 1]")
+    return values
+
+
+def run_steps(length: str, steps: int, epochs: float, images: int, batch_size: int) -> int:
+    """Optimiser steps of a run on `images` training images: --steps, or --epochs passes over them."""
+    return steps if length == "steps" else max(1, math.ceil(epochs * images / batch_size))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="lnshift/vit-tiny-cifar10", help="timm name (random init) or lnshift name")
-    ap.add_argument("--steps", type=int, default=100, help="optimiser steps of every run")
+    ap.add_argument("--steps", type=int, default=100, help="optimiser steps of every run (--length steps)")
+    ap.add_argument("--length", choices=["steps", "epochs"], default="steps", help="what 'the same length' is")
+    ap.add_argument("--epochs", type=float, default=2.0, help="passes over its own images per run (--length epochs)")
+    ap.add_argument("--fractions", type=fractions, default=FRACTIONS, help=f"data fractions (default {FRACTIONS})")
     ap.add_argument("--batch-size", type=int, default=32, help="batch size of every run")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
@@ -147,11 +174,20 @@ def main() -> None:
     cfg = FitConfig(**common, method="cyclic", cycles=2, precision=args.precision)
     cfg_ln = replace(cfg, method="ln")
     model = build_model(cfg, backbone, classes).to(device)
-    runs = [(frac, seed) for frac in FRACTIONS for seed in SEEDS]
+    runs = [(frac, seed) for frac in args.fractions for seed in SEEDS]
     pools = []
     for frac, seed in runs:  # nested subsets: a seed's smaller fractions are prefixes of its larger ones
         order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
         pools.append(order[: max(1, int(frac * n_train))])
+    steps = [run_steps(args.length, args.steps, args.epochs, len(pool), args.batch_size) for pool in pools]
+    steps_c = run_steps(args.length, args.steps, args.epochs, n_train, args.batch_size)
+    phases = len(phases_for(cfg.method, cfg.cycles))
+    too_short = sorted({frac for (frac, _), n in zip(runs, steps, strict=True) if n < phases})
+    if too_short:
+        ap.error(
+            f"the runs on fraction(s) {', '.join(map(str, too_short))} get fewer steps than cyclic's {phases} "
+            f"phases: raise --{args.length}, --images or the fraction"
+        )
     batches = [stream(images, pool, r, args.batch_size) for r, pool in enumerate(pools)]
     starts = [{k: v.to(device) for k, v in s.items()} for s in initial_states(cfg, backbone, classes, SEEDS)]
     starts = [starts[SEEDS.index(seed)] for _, seed in runs]
@@ -180,27 +216,40 @@ def main() -> None:
         n = len(DEFAULT_GRID)
         return [choose(DEFAULT_GRID, scores[i : i + n]) for i in range(0, len(scores), n)]
 
-    def one_by_one(steps: int) -> list[dict]:
-        short = replace(cfg, steps=steps)
-        return [train_alone(model, s, b, short, device) for s, b in zip(starts, batches, strict=True)]
+    def one_by_one(steps: list[int]) -> list[dict]:
+        return [
+            train_alone(model, s, b, replace(cfg, steps=n), device)
+            for s, b, n in zip(starts, batches, steps, strict=True)
+        ]
 
-    def batched(steps: int) -> list[dict]:
-        def pairs(step: int) -> list[tuple[Tensor, Tensor]]:
-            return [b(step) for b in batches]
+    def batched(steps: list[int]) -> list[dict]:
+        """The runs of each length trained together, shortest first; the states in the runs' order."""
+        trained: dict[int, dict] = {}
+        for n in sorted(set(steps)):
+            group = [r for r, s in enumerate(steps) if s == n]
 
-        return train_runs(model, starts, pairs, replace(cfg, steps=steps), device)
+            def pairs(step: int, group: list[int] = group) -> list[tuple[Tensor, Tensor]]:
+                return [batches[r](step) for r in group]
+
+            tuned = train_runs(model, [starts[r] for r in group], pairs, replace(cfg, steps=n), device)
+            trained.update(zip(group, tuned, strict=True))
+        return [trained[r] for r in range(len(runs))]
 
     def reference(steps: int) -> dict:
         full = stream(images, torch.arange(n_train), 0, args.batch_size)
         return train_alone(model, start_ln, full, replace(cfg_ln, steps=steps), device)
 
-    for warm in (one_by_one, batched, reference):  # kernels, autotuning and allocator caches before timing
-        warm(8)
-    trained_a, train_a = timed(lambda: one_by_one(args.steps), device)
+    # kernels, autotuning and allocator caches before timing, with the timed runs' batch shapes:
+    # distinct lengths stay distinct, so the batched warm-up trains the same groups of runs
+    short = {n: 8 + i for i, n in enumerate(sorted(set(steps)))}
+    one_by_one([8] * len(runs))
+    batched([short[n] for n in steps])
+    reference(8)
+    trained_a, train_a = timed(lambda: one_by_one(steps), device)
     _, grid_a = timed(lambda: [grid_one_by_one(s, t) for s, t in zip(starts, trained_a, strict=True)], device)
-    trained_b, train_b = timed(lambda: batched(args.steps), device)
+    trained_b, train_b = timed(lambda: batched(steps), device)
     _, grid_b = timed(lambda: grids_batched(starts, trained_b), device)
-    trained_c, train_c = timed(lambda: reference(args.steps), device)
+    trained_c, train_c = timed(lambda: reference(steps_c), device)
     _, grid_c = timed(lambda: grids_batched([start_ln], [trained_c]), device)
     norm_keys = [k for k in trained_a[0] if not k.startswith("head.")]
     diff = max(float((trained_a[0][k] - trained_b[0][k]).abs().max()) for k in norm_keys)
@@ -208,10 +257,13 @@ def main() -> None:
     seconds = {"a": (train_a, grid_a), "b": (train_b, grid_b), "c": (train_c, grid_c)}
     total = {k: sum(v) for k, v in seconds.items()}
     ratio_a, ratio_b = total["a"] / total["c"], total["b"] / total["c"]
+    length = f"{args.steps} steps" if args.length == "steps" else f"{args.epochs:g} epochs of its own images"
+    fracs, seeds = ", ".join(map(str, args.fractions)), ", ".join(map(str, SEEDS))
     print(
-        f"sweep: {len(runs)} runs (fractions {', '.join(map(str, FRACTIONS))} x seeds {', '.join(map(str, SEEDS))}) "
+        f"sweep: {len(runs)} runs (fractions {fracs} x seeds {seeds}) "
         f"of cyclic K=2 and {len(DEFAULT_GRID)} lambdas on {args.val} validation images | {args.model} | "
-        f"{args.steps} steps x batch {args.batch_size} per run | {device} {args.precision}"
+        f"{length} x batch {args.batch_size} per run (steps {sorted(set(steps))}; (c) {steps_c}) | "
+        f"{device} {args.precision}"
     )
     print(f"{'':28}{'train s':>10}{'lambda grid s':>15}{'total s':>10}{'/ (c)':>8}")
     labels = {"a": "(a) one by one", "b": "(b) batched", "c": "(c) one 100 % ln run"}
@@ -226,13 +278,15 @@ def main() -> None:
         record = {
             "args": vars(args),
             "environment": environment(),
+            "steps_per_run": steps,
+            "steps_c": steps_c,
             "seconds": {k: {"train": v[0], "lambda_grid": v[1], "total": total[k]} for k, v in seconds.items()},
             "ratio_a_c": ratio_a,
             "ratio_b_c": ratio_b,
             "target_met": ratio_b <= 3,
             "max_abs_diff_layernorm_run0": diff,
         }
-        Path(args.out).write_text(json.dumps(record, indent=2))
+        write_json(Path(args.out), record)
 
 
 if __name__ == "__main__":

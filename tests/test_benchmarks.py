@@ -10,9 +10,9 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def smoke(script: str, out: Path) -> str:
+def smoke(script: str, out: Path, *options: str) -> str:
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--smoke", "--out", str(out)],
+        [sys.executable, str(BENCHMARKS / script), "--smoke", "--out", str(out), *options],
         capture_output=True,
         text=True,
         timeout=180,
@@ -25,6 +25,15 @@ def test_sweep_cost_prints_its_table(tmp_path):
     stdout = smoke("sweep_cost.py", tmp_path / "cost.json")
     assert "(b) / (c)" in stdout and "max |batched - one by one|" in stdout
     assert (tmp_path / "cost.json").exists()
+
+
+def test_sweep_cost_in_epochs_gives_each_fraction_its_own_length(tmp_path):
+    stdout = smoke("sweep_cost.py", tmp_path / "cost.json", "--length", "epochs", "--epochs", "0.5")
+    record = json.loads((tmp_path / "cost.json").read_text())
+    # 240 training images, batch 4: half an epoch of 25 / 50 / 75 / 100 % is 8 / 15 / 23 / 30 steps
+    assert record["steps_per_run"] == [8] * 3 + [15] * 3 + [23] * 3 + [30] * 3
+    assert record["steps_c"] == 30
+    assert "0.5 epochs of its own images" in stdout and record["max_abs_diff_layernorm_run0"] < 1e-4
 
 
 def test_throughput_measures_the_reference_and_lnshift_side_by_side(tmp_path):
