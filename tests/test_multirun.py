@@ -233,3 +233,28 @@ def test_a_batched_run_is_the_run_fit_makes(tmp_path, method):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
     ma, mb = (json.loads((r.path / "metrics.json").read_text()) for r in (batched, alone))
     assert ma["test"]["sketch"]["accuracy"] == mb["test"]["sketch"]["accuracy"]
+
+
+def test_runs_with_an_epoch_budget_are_batched_by_length_and_equal_fit(tmp_path):
+    """With `epochs`, 2 shots and the full split make runs of different lengths: each is still fit's run."""
+    from lnshift import rundir as rd
+    from lnshift import sweep as sw
+    from lnshift.fit import fit
+    from lnshift.multirun import fit_batched
+
+    sweep = batched_sweep(tmp_path, ["cyclic"])
+    cfgs = [
+        replace(sweep.fit_config(c), steps=None, epochs=2, min_epoch_steps=1) for c in sw.cells(sweep) if c.seed == 0
+    ]
+    batched = fit_batched(cfgs, CPU)
+    steps = []
+    for cfg, run in zip(cfgs, batched, strict=True):
+        alone = fit(replace(cfg, out=str(tmp_path / f"fit-{len(steps)}")), echo=None)
+        a, b = (load_file(r.path / "adapter.safetensors") for r in (run, alone))
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+        ma, mb = (json.loads((r.path / rd.METRICS).read_text()) for r in (run, alone))
+        assert ma["test"]["sketch"]["accuracy"] == mb["test"]["sketch"]["accuracy"]
+        pa, pb = (json.loads((r.path / rd.CYCLES).read_text())["phases"] for r in (run, alone))
+        assert [p["steps"] for p in pa] == [p["steps"] for p in pb]
+        steps.append(sum(p["steps"] for p in pa))
+    assert steps[0] < steps[1]  # 2 shots per class train for fewer steps than the full split

@@ -8,9 +8,11 @@ and the learning-rate schedule act elementwise, so each slice takes the step its
 alone (equal up to float reduction order; docs/multirun.md).
 
 Supported: methods whose phases train the head, the LayerNorms or both (`lp`, `ln`, `lp-ln`,
-`cyclic`) with any head (the attention head through vmap's slower per-run fallback of attention),
-a fixed step budget (`steps`). Batched runs keep their last state (as `fit --select last`): there
-is no validation-based epoch choice, and no lambda rescaling between cycles.
+`cyclic`) with any head (the attention head through vmap's slower per-run fallback of attention).
+train_runs takes a fixed step budget (`steps`); fit_batched also takes `epochs`, which give runs on
+different amounts of data different lengths: the runs of equal length train together. Batched runs
+keep their last state (as `fit --select last`): there is no validation-based epoch choice, and no
+lambda rescaling between cycles.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from .loop import (
     snapshot,
     train_step,
 )
+from .phases import phases_for
 
 BATCHABLE = ("head", "layernorm", "ln")
 HEAD = "head."
@@ -84,9 +87,10 @@ def initial_states(
 ) -> list[dict[str, Tensor]]:
     """Each run's starting tensors as fit() initialises a run with that seed: the backbone's norms, a seeded head."""
     states = []
+    shortest = replace(cfg, steps=len(phases_for(cfg.method, cfg.cycles)))  # the tensors do not depend on the budget
     for seed in seeds:
         model = build_model(replace(cfg, seed=seed), backbone, num_classes)
-        states.append(snapshot(model, trained_names(batched_plans(model, cfg))))
+        states.append(snapshot(model, trained_names(batched_plans(model, shortest))))
     return states
 
 
@@ -233,9 +237,11 @@ def fit_batched(cfgs: Sequence[FitConfig], device: torch.device) -> list[rd.RunD
     """Train the runs of `cfgs` in one batched pass and write each one's run directory as fit() does.
 
     The configs may differ only in seed, fraction / shots and out (a sweep's seeds and regimes of one
-    dataset and method); they need `steps` and `select: last`, and the device input pipeline. Each run
-    gets the batches fit would give it, so it is the run `lnshift fit` makes with its config, up to
-    float rounding (tested); its config.yaml says it was batched.
+    dataset and method); they need `select: last` and the device input pipeline. With `epochs`
+    instead of `steps`, a run's length is fit's (epochs x the steps of one pass over its training
+    split), and the runs of each length are trained together, shortest first. Each run gets the
+    batches fit would give it, so it is the run `lnshift fit` makes with its config, up to float
+    rounding (tested); its config.yaml says it was batched.
     A randomly initialised backbone differs per seed, so then each seed's runs form their own batch.
     Returns the run directories in the order of `cfgs`.
     """
@@ -259,15 +265,22 @@ def fit_batched(cfgs: Sequence[FitConfig], device: torch.device) -> list[rd.RunD
     starts = initial_states(first, backbone, len(classes), [cfg.seed for cfg in cfgs])
     model = build_model(first, backbone, len(classes)).to(device)
     datas = [load_images(d, cfg, device, config, "device") for d, cfg in zip(datas, cfgs, strict=True)]
-    plans = batched_plans(model, first)
-    tuned = train_runs(model, starts, _fit_order([d.train for d in datas], cfgs, plans), first, device)
-    names = trained_names(plans)
+    lengths = [run_length(cfg, data.train) for cfg, data in zip(cfgs, datas, strict=True)]
+    budgets = {n: replace(first, steps=n) for n in sorted(set(lengths))}  # fit's budgets as step counts
+    plans = {n: batched_plans(model, budget) for n, budget in budgets.items()}
+    tuned: dict[int, dict[str, Tensor]] = {}
+    for n, budget in budgets.items():
+        group = [r for r, length in enumerate(lengths) if length == n]
+        order = _fit_order([datas[r].train for r in group], [cfgs[r] for r in group], plans[n])
+        tuned.update(zip(group, train_runs(model, [starts[r] for r in group], order, budget, device), strict=True))
+    names = trained_names(plans[lengths[0]])
     meta = tensor_meta(model, first, classes)
     norms = [m for m in meta["norms"] if f"{m}.weight" in names]
     batched = {"with": [cfg.out for cfg in cfgs], "how": BATCHED_HOW}
-    phases = [{"phase": p.phase.name, "strategy": p.phase.strategy, "steps": p.steps} for p in plans]
     runs = []
-    for cfg, data, start, trained in zip(cfgs, datas, starts, tuned, strict=True):
+    for r, (cfg, data, start) in enumerate(zip(cfgs, datas, starts, strict=True)):
+        trained = tuned[r]
+        phases = [{"phase": p.phase.name, "strategy": p.phase.strategy, "steps": p.steps} for p in plans[lengths[r]]]
         run = rd.RunDir(cfg.out)
         run.prepare(resume=False, overwrite=True)  # an unfinished earlier attempt is trained again
         log = rd.EventLog(run, None)
@@ -288,6 +301,13 @@ BATCHED_HOW = (
 )
 BATCHED_ALLOWED = {"seed", "fraction", "shots", "out", "resume", "overwrite"}
 BATCHED_METHODS = ("lp", "ln", "lp-ln", "cyclic")
+
+
+def run_length(cfg: FitConfig, train: DeviceImages) -> int:
+    """A run's optimiser steps in fit: `steps`, or `epochs` passes of epoch_samples over its training split."""
+    if cfg.steps is not None:
+        return cfg.steps
+    return cfg.epochs * -(-epoch_samples(train, cfg) // cfg.batch_size)
 
 
 def _depends_on_seed(backbone: nn.Module, other: FitConfig) -> bool:
