@@ -106,7 +106,7 @@ def test_heads_give_logits(head):
 
 def test_cyclic_phases_freeze_the_other_half():
     cfg, model = tiny_model("cyclic", cycles=2, steps=8)
-    plans = plan_phases(model, cfg, steps_per_epoch=1)
+    plans = plan_phases(model, cfg, cfg.steps)
     assert [p.phase.strategy for p in plans] == ["head", "layernorm", "head", "layernorm"]
     heads = {n for n, _ in model.named_parameters() if n.startswith("head.")}
     for plan in plans:

@@ -228,9 +228,9 @@ def build_model(cfg: FitConfig, backbone: nn.Module, num_classes: int) -> Classi
     return model
 
 
-def plan_phases(model: nn.Module, cfg: FitConfig, steps_per_epoch: int) -> list[PhasePlan]:
+def plan_phases(model: nn.Module, cfg: FitConfig, total: int) -> list[PhasePlan]:
+    """The method's phases, each with the tensors it trains and its share of `total` optimiser steps."""
     phases = phases_for(cfg.method, cfg.cycles, rescale_each_cycle=cfg.lambda_each_cycle)
-    total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
     budgets = split_budget(total, len(phases))
     options = strategy_options(cfg)
     return [
@@ -242,6 +242,13 @@ def plan_phases(model: nn.Module, cfg: FitConfig, steps_per_epoch: int) -> list[
 def trained_names(plans: list[PhasePlan]) -> list[str]:
     """Ordered union of every phase's trainable tensors: what adapter.safetensors holds."""
     return list(dict.fromkeys(n for p in plans for n in p.trainable))
+
+
+def run_length(cfg: FitConfig, train: Images) -> int:
+    """A run's optimiser steps: --steps, or --epochs passes of epoch_samples over its training split."""
+    if cfg.steps is not None:
+        return cfg.steps
+    return cfg.epochs * -(-epoch_samples(train, cfg) // cfg.batch_size)
 
 
 def epoch_samples(dataset: Images, cfg: FitConfig) -> int:
@@ -330,8 +337,7 @@ def _fit(cfg: FitConfig, device: torch.device, echo: Callable[[str], None] | Non
         + ", ".join(f"test:{k} {len(v)}" for k, v in data.tests.items())
     )
 
-    steps_per_epoch = -(-epoch_samples(data.train, cfg) // cfg.batch_size)
-    plans = plan_phases(model, cfg, steps_per_epoch)
+    plans = plan_phases(model, cfg, run_length(cfg, data.train))
     names = trained_names(plans)
     if cfg.frozen_dtype == "bf16":
         if not uses_bf16(device, cfg.precision):

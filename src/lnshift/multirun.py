@@ -38,6 +38,7 @@ from .fit import (
     load_images,
     plan_phases,
     prepare_data,
+    run_length,
     tensor_meta,
     trained_names,
     write_outcome,
@@ -70,7 +71,7 @@ def batched_plans(model: Classifier, cfg: FitConfig) -> list[PhasePlan]:
         raise ConfigError("batched runs need a fixed step budget: set steps")
     if cfg.lambda_each_cycle:
         raise ConfigError("batched runs do not rescale between cycles (lambda_each_cycle)")
-    plans = plan_phases(model, cfg, steps_per_epoch=1)
+    plans = plan_phases(model, cfg, cfg.steps)
     other = sorted({p.phase.strategy for p in plans} - set(BATCHABLE))
     if other:
         raise ConfigError(f"method {cfg.method} trains {other}; batched runs train only {list(BATCHABLE)}")
@@ -301,13 +302,6 @@ BATCHED_HOW = (
 )
 BATCHED_ALLOWED = {"seed", "fraction", "shots", "out", "resume", "overwrite"}
 BATCHED_METHODS = ("lp", "ln", "lp-ln", "cyclic")
-
-
-def run_length(cfg: FitConfig, train: DeviceImages) -> int:
-    """A run's optimiser steps in fit: `steps`, or `epochs` passes of epoch_samples over its training split."""
-    if cfg.steps is not None:
-        return cfg.steps
-    return cfg.epochs * -(-epoch_samples(train, cfg) // cfg.batch_size)
 
 
 def _depends_on_seed(backbone: nn.Module, other: FitConfig) -> bool:
