@@ -249,8 +249,8 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batched",
         action="store_true",
-        help="train the seeds and regimes of each lp/ln/lp-ln/cyclic dataset-method pair in one batched pass "
-        "(needs steps and select: last; see docs/multirun.md)",
+        help="train the seeds and regimes of each lp/ln/lp-ln/cyclic dataset-method pair in batched passes, "
+        "one per run length (needs select: last; see docs/multirun.md)",
     )
 
 
