@@ -61,6 +61,23 @@ def test_unknown_variants_and_parts_are_refused_by_name(script, option):
     assert f"{name}: unknown {value} (choose from" in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--fractions", "0,1"], "argument --fractions: '0,1': every fraction must be in (0, 1]"),
+        (["--fractions", "half"], "argument --fractions: 'half' is not a comma-separated list of numbers"),
+        (
+            ["--length", "epochs", "--epochs", "0.5", "--fractions", "0.02,1"],
+            "the runs on fraction(s) 0.02 get fewer steps than cyclic's 4 phases: raise --epochs",
+        ),
+    ],
+)
+def test_sweep_cost_refuses_bad_fractions_by_name(options, message):
+    command = [sys.executable, str(BENCHMARKS / "sweep_cost.py"), "--smoke", *options]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr
+
+
 def test_protocol_claims_pairs_cells_by_dataset_regime_and_seed(tmp_path):
     # LN beats LP by 10 points in three (regime, seed) pairs and loses by 2 in the fourth
     rows = []
