@@ -70,8 +70,7 @@ PROFILED_STEPS = 3
 # -oneqkv: the shortcut with timm's own attention modules (one qkv product, every query in the last block);
 # -roialign: crops through roi_align and tensor operations (the CPU path) instead of the Triton kernel;
 # -erfgelu: torch's GELU (erf per element, inductor's kernels) instead of the table GELU;
-# -fusedadam: AdamW as one fused kernel (fused=True) instead of its multi-tensor (foreach) kernels;
-# -fusedmlp: frozen MLPs through cuBLASLt's GELU epilogues (backbones.fused_mlp; needs nvmath-python)
+# -fusedadam: AdamW as one fused kernel (fused=True) instead of its multi-tensor (foreach) kernels
 TRAIN_VARIANTS = (
     "plain",
     "compiled",
@@ -87,7 +86,6 @@ TRAIN_VARIANTS = (
     "compiled-bf16-roialign",
     "compiled-bf16-erfgelu",
     "compiled-bf16-fusedadam",
-    "compiled-bf16-fusedmlp",
 )
 VARIANTS = ("reference", *TRAIN_VARIANTS, "eval", "eval-compiled")
 COMPILE_ARGS = {  # variant suffix -> torch.compile keywords
@@ -338,11 +336,8 @@ def lnshift_train(
     frozen_bf16: bool = False,
     compile_args: dict | None = None,
     all_tokens: bool = False,
-    fuse_mlp: bool = False,
 ) -> tuple[dict, dict[str, torch.Tensor], int]:
     model, names = lnshift_model(args, name, device, all_tokens)
-    if fuse_mlp:
-        model.backbone.fuse_mlp = True
     if frozen_bf16:  # what `lnshift fit --frozen-dtype bf16` does
         store_frozen(model, names, torch.bfloat16)
     optimizer = torch.optim.AdamW(param_groups(model, names, 0.05, False), lr=1e-3)
@@ -454,7 +449,6 @@ def bench_model(args: argparse.Namespace, name: str, folder: Path, device: torch
                     frozen_bf16="bf16" in variant,
                     compile_args=COMPILE_ARGS.get(variant.rsplit("-", 1)[-1]),
                     all_tokens="alltokens" in variant,
-                    fuse_mlp="fusedmlp" in variant,
                 )
     for variant, compiled in (("eval", False), ("eval-compiled", True)):
         if variant in args.variants:

@@ -16,7 +16,6 @@ from torch import Tensor, nn
 
 from ..errors import ModelError
 from .base import Backbone, load_state_dict_strict, merge_data_config, read_weights
-from .fused_mlp import mlp as fused_mlp
 
 
 def reads_class_token(model: nn.Module) -> bool:
@@ -57,23 +56,21 @@ def attention(attn: nn.Module, x: Tensor, class_only: bool = False) -> Tensor:
     return attn.proj_drop(attn.proj(attn.norm(out.transpose(1, 2).flatten(2))))
 
 
-def class_token_features(model: VisionTransformer, x: Tensor, fuse_mlp: bool = False) -> Tensor:
+def class_token_features(model: VisionTransformer, x: Tensor) -> Tensor:
     """`forward_features` for the class token only: (B, 1, D), equal to forward_features(x)[:, :1].
 
     Why: with class-token pooling nothing reads the other tokens' outputs of the last block, so its
     queries, attention output, projection, residual, norm2 and MLP run on one token instead of N
     (its keys and values still span every token). Exact, gradients included. On an H200 the MLP
-    part alone made LayerNorm tuning 4 % (ViT-B/16) and 3.5 % (ViT-L/16) faster. `fuse_mlp`: frozen
-    MLPs through cuBLASLt's GELU epilogues (`fused_mlp`).
+    part alone made LayerNorm tuning 4 % (ViT-B/16) and 3.5 % (ViT-L/16) faster.
     """
-    mlp = fused_mlp if fuse_mlp else lambda module, x: module(x)
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
     for block in model.blocks[:-1]:
         x = x + block.drop_path1(block.ls1(attention(block.attn, block.norm1(x))))
-        x = x + block.drop_path2(block.ls2(mlp(block.mlp, block.norm2(x))))
+        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
     last = model.blocks[-1]
     x = x[:, :1] + last.drop_path1(last.ls1(attention(last.attn, last.norm1(x), class_only=True)))
-    x = x + last.drop_path2(last.ls2(mlp(last.mlp, last.norm2(x))))
+    x = x + last.drop_path2(last.ls2(last.mlp(last.norm2(x))))
     return model.norm(x)
 
 
@@ -89,12 +86,10 @@ class TimmBackbone(Backbone):
     def __init__(self, model: nn.Module, name: str, **kwargs: Any) -> None:
         super().__init__(model, name, **kwargs)
         self.class_token_only = reads_class_token(model)
-        self.fuse_mlp = False  # opt-in (`fused_mlp`): frozen MLPs with cuBLASLt's tanh GELU
 
     def forward(self, x: Tensor) -> Tensor:
         if self.class_token_only and not self.model.grad_checkpointing:
-            features = class_token_features(self.model, x, self.fuse_mlp)
-            return self.model.forward_head(features, pre_logits=True)
+            return self.model.forward_head(class_token_features(self.model, x), pre_logits=True)
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
 
     def forward_tokens(self, x: Tensor) -> Tensor:
