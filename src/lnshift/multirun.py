@@ -275,13 +275,15 @@ def fit_batched(cfgs: Sequence[FitConfig], device: torch.device) -> list[rd.RunD
         order = _fit_order([datas[r].train for r in group], [cfgs[r] for r in group], plans[n])
         tuned.update(zip(group, train_runs(model, [starts[r] for r in group], order, budget, device), strict=True))
     names = trained_names(plans[lengths[0]])
+    phases = {
+        n: [{"phase": p.phase.name, "strategy": p.phase.strategy, "steps": p.steps} for p in ps]
+        for n, ps in plans.items()
+    }
     meta = tensor_meta(model, first, classes)
     norms = [m for m in meta["norms"] if f"{m}.weight" in names]
     batched = {"with": [cfg.out for cfg in cfgs], "how": BATCHED_HOW}
     runs = []
     for r, (cfg, data, start) in enumerate(zip(cfgs, datas, starts, strict=True)):
-        trained = tuned[r]
-        phases = [{"phase": p.phase.name, "strategy": p.phase.strategy, "steps": p.steps} for p in plans[lengths[r]]]
         run = rd.RunDir(cfg.out)
         run.prepare(resume=False, overwrite=True)  # an unfinished earlier attempt is trained again
         log = rd.EventLog(run, None)
@@ -290,8 +292,8 @@ def fit_batched(cfgs: Sequence[FitConfig], device: torch.device) -> list[rd.RunD
         rd.write_json(run / rd.SPLITS, data.splits)
         rd.write_tensors(run / rd.BASE, start, meta)
         log.info(f"trained in one batched pass with {len(cfgs) - 1} other run(s): {BATCHED_HOW}")
-        restore(model, trained)
-        write_outcome(run, model, names, norms, start, meta, data, cfg, device, log, phases)
+        restore(model, tuned[r])
+        write_outcome(run, model, names, norms, start, meta, data, cfg, device, log, phases[lengths[r]])
         runs.append(run)
     return runs
 
