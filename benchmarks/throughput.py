@@ -47,7 +47,6 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import lnshift.backbones as backbones
-import lnshift.backbones.hopper_gemm as hopper_gemm
 import lnshift.backbones.timm_backbone as tb
 import lnshift.data.device as dd
 from lnshift.backbones import load_backbone
@@ -73,8 +72,7 @@ PROFILED_STEPS = 3
 # -erfgelu: torch's GELU (erf per element, inductor's kernels) instead of the table GELU;
 # -fusedadam: AdamW as one fused kernel (fused=True) instead of its multi-tensor (foreach) kernels;
 # -pdl: inductor's Triton kernels with programmatic dependent launch (a kernel starts while its predecessor drains);
-# -cublas: frozen linears through cuBLAS (no `use_hopper_gemm` at load) where QuACK is installed;
-# -tablegelu: QuACK's products but the MLP's GELU by the table kernel (no GELU in the products' epilogues)
+# -cublas: frozen linears through cuBLAS (no `use_hopper_gemm` at load) where QuACK is installed
 TRAIN_VARIANTS = (
     "plain",
     "compiled",
@@ -92,7 +90,7 @@ TRAIN_VARIANTS = (
     "compiled-bf16-fusedadam",
     "compiled-bf16-pdl",
     "compiled-bf16-cublas",
-    "compiled-bf16-tablegelu",
+    "compiled-bf16-cublas-graphs",
 )
 VARIANTS = ("reference", *TRAIN_VARIANTS, "eval", "eval-compiled")
 COMPILE_ARGS = {  # variant suffix -> torch.compile keywords
@@ -251,8 +249,6 @@ ABLATIONS = {
     "erfgelu": (backbones, "use_table_gelu", lambda model: 0),
     # frozen linears through cuBLAS: no QuACK products
     "cublas": (backbones, "use_hopper_gemm", lambda model: 0),
-    # QuACK's products, the MLP unfused (its GELU through the table kernel)
-    "tablegelu": (hopper_gemm, "fusable", lambda mlp: False),
     # AdamW's fused single-kernel step
     "fusedadam": (torch.optim, "AdamW", functools.partial(torch.optim.AdamW, fused=True)),
 }

@@ -1,4 +1,4 @@
-"""Frozen linear layers and ViT MLPs through QuACK's Hopper GEMMs, where QuACK is installed.
+"""Frozen linear layers through QuACK's Hopper GEMMs, where QuACK is installed.
 
 Why: in LayerNorm tuning every linear layer is frozen, so its backward is one product, the input
 gradient, and matrix products are half of a step's time. QuACK (Tri Dao's CuTe DSL kernels,
@@ -10,11 +10,7 @@ results (`benchmarks/results/README.md`).
 state-dict keys unchanged), as `patch_matmul` does for patch convs. The QuACK path is taken per
 call, only where it computes the same thing: CUDA on a GPU QuACK has kernels for (compute
 capability 9.0 or later), bf16 / fp16 activations (autocast included), weight and bias that need no
-gradient. Otherwise, and wherever QuACK is missing, the layer is torch's own. timm `Mlp` modules
-are swapped to HopperMlp, whose frozen exact-GELU form takes the GELU into fc1's product and GELU'
-into the backward's first product (QuACK epilogues in `_quack_ops`): GELU applied to the float32
-pre-activation instead of to it rounded to bf16, so results differ from the unfused path's by bf16
-roundings.
+gradient. Otherwise, and wherever QuACK is missing, the layer is torch's own.
 """
 
 from __future__ import annotations
@@ -26,11 +22,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp
 from torch import Tensor, nn
 from torch.utils.flop_counter import register_flop_formula
-
-from .gelu_table import TableGELU, is_exact_gelu
 
 HALF = (torch.bfloat16, torch.float16)
 _AVAILABLE = False  # set by use_hopper_gemm, outside any compiled region (torch.compile would trace _gemm)
@@ -46,13 +39,6 @@ def _gemm() -> Callable[..., Tensor] | None:
     except ImportError:
         return None
     return functools.partial(gemm, tuned=False)  # QuACK's default kernel per shape; tuning costs seconds each
-
-
-@functools.cache
-def _epilogues() -> Any:
-    from . import _quack_ops
-
-    return _quack_ops
 
 
 def _fast(x: Tensor, w: Tensor, b: Tensor | None) -> torch.dtype | None:
@@ -129,110 +115,13 @@ def is_plain_linear(module: nn.Module) -> bool:
     return type(module) in (nn.Linear, HopperLinear)
 
 
-# --- frozen GELU MLP: y = fc2(GELU(fc1(x))), backward dX = ((dY W2) * GELU'(A)) W1 --------------
-
-
-def _gelu_slope(a: Tensor) -> Tensor:
-    """d/da of the erf GELU."""
-    return 0.5 * (1 + torch.erf(a * math.sqrt(0.5))) + a * torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
-
-
-@torch.library.custom_op("lnshift::frozen_gelu_mlp", mutates_args=())
-def frozen_gelu_mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> tuple[Tensor, Tensor]:
-    """(fc2(GELU(fc1(x))), A = fc1(x)) for 2-D x, GELU applied to fc1's float32 result; A is kept for the backward."""
-    if x.is_cuda:
-        a, h = _epilogues().gemm_gelu(x, w1, b1)
-        return _gemm()(h, w2.t(), bias=b2), a
-    wide = torch.promote_types(x.dtype, torch.float32)  # the accumulator's precision, float64 kept
-    a = torch.addmm(b1.to(wide), x.to(wide), w1.to(wide).t())
-    return F.linear(F.gelu(a).to(x.dtype), w2, b2), a.to(x.dtype)
-
-
-@frozen_gelu_mlp.register_fake
-def _(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> tuple[Tensor, Tensor]:
-    return x.new_empty(x.shape[0], w2.shape[0]), x.new_empty(x.shape[0], w1.shape[0])
-
-
-@torch.library.custom_op("lnshift::frozen_gelu_mlp_backward", mutates_args=())
-def frozen_gelu_mlp_backward(dy: Tensor, a: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
-    """dX of `frozen_gelu_mlp` given dY: ((dY W2) * GELU'(A)) W1, the slope applied before rounding."""
-    if dy.is_cuda:
-        return _gemm()(_epilogues().gemm_dgelu(dy, w2, a), w1)
-    wide = torch.promote_types(dy.dtype, torch.float32)
-    da = (dy.to(wide) @ w2.to(wide)) * _gelu_slope(a.to(wide))
-    return da.to(dy.dtype) @ w1
-
-
-@frozen_gelu_mlp_backward.register_fake
-def _(dy: Tensor, a: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
-    return dy.new_empty(dy.shape[0], w1.shape[1])
-
-
-def _mlp_setup(ctx: Any, inputs: tuple[Tensor, ...], output: tuple[Tensor, Tensor]) -> None:
-    _, w1, _, w2, _ = inputs
-    ctx.save_for_backward(output[1], w1, w2)
-
-
-def _mlp_backward(ctx: Any, dy: Tensor, _da: Tensor) -> tuple[Tensor | None, ...]:
-    a, w1, w2 = ctx.saved_tensors
-    return frozen_gelu_mlp_backward(dy.contiguous(), a, w1, w2), None, None, None, None
-
-
-frozen_gelu_mlp.register_autograd(_mlp_backward, setup_context=_mlp_setup)
-
-
-@register_flop_formula(torch.ops.lnshift.frozen_gelu_mlp)
-def _mlp_flops(x_shape: tuple[int, ...], w1_shape: tuple[int, ...], *args: Any, **kwargs: Any) -> int:
-    """fc1 and fc2: two products of x's M rows by H x C weights (the GELU is not counted, as torch does not)."""
-    return 4 * x_shape[0] * math.prod(w1_shape)
-
-
-@register_flop_formula(torch.ops.lnshift.frozen_gelu_mlp_backward)
-def _mlp_backward_flops(
-    dy_shape: tuple[int, ...], a_shape: tuple[int, ...], w1_shape: tuple[int, ...], *args: Any, **kwargs: Any
-) -> int:
-    """The input gradient's two products, as many FLOPs as the forward's."""
-    return 4 * dy_shape[0] * math.prod(w1_shape)
-
-
-def fusable(mlp: nn.Module) -> bool:
-    """A timm Mlp that `frozen_gelu_mlp` computes exactly in structure: exact GELU, both biases, no norm or dropout."""
-    return (
-        isinstance(mlp, Mlp)
-        and is_plain_linear(mlp.fc1)
-        and is_plain_linear(mlp.fc2)
-        and (isinstance(mlp.act, TableGELU) or is_exact_gelu(mlp.act))
-        and isinstance(mlp.norm, nn.Identity)
-        and mlp.fc1.bias is not None
-        and mlp.fc2.bias is not None
-        and not (mlp.training and (mlp.drop1.p > 0 or mlp.drop2.p > 0))
-    )
-
-
-class HopperMlp(Mlp):
-    """timm's Mlp whose frozen exact-GELU form runs as two QuACK products with the GELU in their epilogues."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        params = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
-        if not fusable(self) or any(_fast(x, w, b) is None for w, b in (params[:2], params[2:])):
-            return super().forward(x)
-        dtype = _fast(x, *params[:2])
-        cast = [t.to(dtype) for t in (x, *params)]
-        flat = cast[0].reshape(-1, x.shape[-1]).contiguous()
-        return frozen_gelu_mlp(flat, *cast[1:])[0].view(*x.shape[:-1], -1)
-
-
 def use_hopper_gemm(model: nn.Module) -> int:
-    """Swap plain nn.Linear and timm Mlp modules of `model` to their QuACK forms; returns how many were swapped."""
+    """Swap the plain nn.Linear modules of `model` to HopperLinear; returns how many were swapped."""
     global _AVAILABLE
     _AVAILABLE = _gemm() is not None
     swapped = 0
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = HopperLinear
-        elif type(module) is Mlp:
-            module.__class__ = HopperMlp
-        else:
-            continue
-        swapped += 1
+            swapped += 1
     return swapped
