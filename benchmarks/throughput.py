@@ -70,9 +70,7 @@ PROFILED_STEPS = 3
 # -oneqkv: the shortcut with timm's own attention modules (one qkv product, every query in the last block);
 # -roialign: crops through roi_align and tensor operations (the CPU path) instead of the Triton kernel;
 # -erfgelu: torch's GELU (erf per element, inductor's kernels) instead of the table GELU;
-# -fusedadam: AdamW as one fused kernel (fused=True) instead of its multi-tensor (foreach) kernels;
-# -pdl: inductor's Triton kernels with programmatic dependent launch (a kernel starts while its predecessor drains);
-# -cublas: frozen linears through cuBLAS (no `use_hopper_gemm` at load) where QuACK is installed
+# -fusedadam: AdamW as one fused kernel (fused=True) instead of its multi-tensor (foreach) kernels
 TRAIN_VARIANTS = (
     "plain",
     "compiled",
@@ -88,9 +86,6 @@ TRAIN_VARIANTS = (
     "compiled-bf16-roialign",
     "compiled-bf16-erfgelu",
     "compiled-bf16-fusedadam",
-    "compiled-bf16-pdl",
-    "compiled-bf16-cublas",
-    "compiled-bf16-cublas-graphs",
 )
 VARIANTS = ("reference", *TRAIN_VARIANTS, "eval", "eval-compiled")
 COMPILE_ARGS = {  # variant suffix -> torch.compile keywords
@@ -99,7 +94,6 @@ COMPILE_ARGS = {  # variant suffix -> torch.compile keywords
     "coord": {"options": {"coordinate_descent_tuning": True}},
     "nomix": {"options": {"triton.mix_order_reduction": False}},
     "combo": {"options": {"combo_kernels": True}},
-    "pdl": {"options": {"triton.enable_pdl": True}},
 }
 
 
@@ -247,8 +241,6 @@ ABLATIONS = {
     "roialign": (dd, "fused_crops", lambda: False),
     # backbones keep torch's GELU modules (no `use_table_gelu` at load)
     "erfgelu": (backbones, "use_table_gelu", lambda model: 0),
-    # frozen linears through cuBLAS: no QuACK products
-    "cublas": (backbones, "use_hopper_gemm", lambda model: 0),
     # AdamW's fused single-kernel step
     "fusedadam": (torch.optim, "AdamW", functools.partial(torch.optim.AdamW, fused=True)),
 }

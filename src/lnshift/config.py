@@ -264,8 +264,6 @@ def environment() -> dict[str, str]:
         "numpy",
         "transformers",
         "open_clip_torch",
-        "quack-kernels",
-        "nvidia-cutlass-dsl",
     ):
         try:
             out[pkg] = metadata.version(pkg)

@@ -14,7 +14,6 @@ from . import registry
 from .base import Backbone, find_norms, norm_table
 from .gelu_table import use_table_gelu
 from .hf_backbone import load_hf
-from .hopper_gemm import use_hopper_gemm
 from .openclip_backbone import load_open_clip
 from .patch_matmul import use_patch_matmul
 from .registry import ModelSpec, close_matches, register
@@ -102,5 +101,4 @@ def load_backbone(
     backbone.name = name
     use_patch_matmul(backbone)
     use_table_gelu(backbone)
-    use_hopper_gemm(backbone)
     return backbone.eval()

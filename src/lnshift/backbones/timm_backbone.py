@@ -16,7 +16,6 @@ from torch import Tensor, nn
 
 from ..errors import ModelError
 from .base import Backbone, load_state_dict_strict, merge_data_config, read_weights
-from .hopper_gemm import is_plain_linear, linear
 
 
 def reads_class_token(model: nn.Module) -> bool:
@@ -41,7 +40,7 @@ def attention(attn: nn.Module, x: Tensor, class_only: bool = False) -> Tensor:
     projection for the class token alone (keys and values still span every token). Modules timm
     built differently (a LoRA-wrapped qkv, a gate, the non-fused path) run their own forward.
     """
-    plain = type(attn) is Attention and is_plain_linear(attn.qkv) and attn.fused_attn
+    plain = type(attn) is Attention and type(attn.qkv) is nn.Linear and attn.fused_attn
     if not plain or getattr(attn, "gate", None) is not None:  # `gate`: timm >= 1.0.30 only
         return attn(x)[:, :1] if class_only else attn(x)
     weights = attn.qkv.weight.chunk(3)
@@ -50,8 +49,8 @@ def attention(attn: nn.Module, x: Tensor, class_only: bool = False) -> Tensor:
     def heads(t: Tensor) -> Tensor:  # (B, N, H*D) -> (B, H, N, D), a view
         return t.unflatten(-1, (attn.num_heads, attn.head_dim)).transpose(1, 2)
 
-    q = heads(linear(x[:, :1] if class_only else x, weights[0], biases[0]))
-    k, v = (heads(linear(x, w, b)) for w, b in zip(weights[1:], biases[1:], strict=True))
+    q = heads(F.linear(x[:, :1] if class_only else x, weights[0], biases[0]))
+    k, v = (heads(F.linear(x, w, b)) for w, b in zip(weights[1:], biases[1:], strict=True))
     q, k = attn.q_norm(q), attn.k_norm(k)
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
     return attn.proj_drop(attn.proj(attn.norm(out.transpose(1, 2).flatten(2))))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..backbones.hopper_gemm import is_plain_linear
 from ..errors import ConfigError
 from .base import Strategy, StrategyOptions, head_names
 
@@ -16,7 +15,7 @@ def attention_linears(model: nn.Module) -> list[str]:
     names = []
     for name, module in model.named_modules():
         parts = name.split(".")
-        if is_plain_linear(module) and any(p in ATTENTION_SCOPES for p in parts[:-1]):
+        if type(module) is nn.Linear and any(p in ATTENTION_SCOPES for p in parts[:-1]):
             names.append(name)
     return names
 
