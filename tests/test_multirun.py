@@ -258,3 +258,6 @@ def test_runs_with_an_epoch_budget_are_batched_by_length_and_equal_fit(tmp_path)
         assert [p["steps"] for p in pa] == [p["steps"] for p in pb]
         steps.append(sum(p["steps"] for p in pa))
     assert steps[0] < steps[1]  # 2 shots per class train for fewer steps than the full split
+    for cfg, run in zip(cfgs, batched, strict=True):  # so each trained in a pass of its own
+        assert yaml.safe_load((run.path / rd.CONFIG).read_text())["batched"]["with"] == [cfg.out]
+        assert "with 0 other run(s)" in (run.path / rd.LOG).read_text()

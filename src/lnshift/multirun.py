@@ -281,17 +281,18 @@ def fit_batched(cfgs: Sequence[FitConfig], device: torch.device) -> list[rd.RunD
     }
     meta = tensor_meta(model, first, classes)
     norms = [m for m in meta["norms"] if f"{m}.weight" in names]
-    batched = {"with": [cfg.out for cfg in cfgs], "how": BATCHED_HOW}
+    passes = {n: [cfgs[r].out for r, length in enumerate(lengths) if length == n] for n in budgets}
     runs = []
     for r, (cfg, data, start) in enumerate(zip(cfgs, datas, starts, strict=True)):
         run = rd.RunDir(cfg.out)
         run.prepare(resume=False, overwrite=True)  # an unfinished earlier attempt is trained again
         log = rd.EventLog(run, None)
         log.event("start", resume=False)
+        batched = {"with": passes[lengths[r]], "how": BATCHED_HOW}  # the runs of its pass, itself included
         rd.write_yaml(run / rd.CONFIG, {"fit": cfg.to_dict(), "environment": environment(), "batched": batched})
         rd.write_json(run / rd.SPLITS, data.splits)
         rd.write_tensors(run / rd.BASE, start, meta)
-        log.info(f"trained in one batched pass with {len(cfgs) - 1} other run(s): {BATCHED_HOW}")
+        log.info(f"trained in one batched pass with {len(batched['with']) - 1} other run(s): {BATCHED_HOW}")
         restore(model, tuned[r])
         write_outcome(run, model, names, norms, start, meta, data, cfg, device, log, phases[lengths[r]])
         runs.append(run)
