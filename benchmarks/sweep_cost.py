@@ -44,7 +44,7 @@ from lnshift.evaluate import autocast, resolve_device
 from lnshift.fit import build_model
 from lnshift.lambdas import DEFAULT_GRID, choose
 from lnshift.loop import restore
-from lnshift.multirun import initial_states, norms_of, run_logits, train_alone, train_runs
+from lnshift.multirun import initial_states, norms_of, run_logits, runs_by_length, train_alone, train_runs
 from lnshift.phases import phases_for
 from lnshift.rundir import write_json
 from lnshift.shift import rescale
@@ -225,8 +225,7 @@ def main() -> None:
     def batched(steps: list[int]) -> list[dict]:
         """The runs of each length trained together, shortest first; the states in the runs' order."""
         trained: dict[int, dict] = {}
-        for n in sorted(set(steps)):
-            group = [r for r, s in enumerate(steps) if s == n]
+        for n, group in runs_by_length(steps).items():
 
             def pairs(step: int, group: list[int] = group) -> list[tuple[Tensor, Tensor]]:
                 return [batches[r](step) for r in group]

@@ -202,6 +202,11 @@ class _NoLog:
         pass
 
 
+def runs_by_length(lengths: Sequence[int]) -> dict[int, list[int]]:
+    """The indices of the runs of each length, shortest first: runs of one length train in one pass."""
+    return {n: [r for r, length in enumerate(lengths) if length == n] for n in sorted(set(lengths))}
+
+
 def train_alone(
     model: Classifier,
     start: Mapping[str, Tensor],
@@ -267,13 +272,14 @@ def fit_batched(cfgs: Sequence[FitConfig], device: torch.device) -> list[rd.RunD
     model = build_model(first, backbone, len(classes)).to(device)
     datas = [load_images(d, cfg, device, config, "device") for d, cfg in zip(datas, cfgs, strict=True)]
     lengths = [run_length(cfg, data.train) for cfg, data in zip(cfgs, datas, strict=True)]
-    budgets = {n: replace(first, steps=n) for n in sorted(set(lengths))}  # fit's budgets as step counts
+    passes = runs_by_length(lengths)
+    budgets = {n: replace(first, steps=n) for n in passes}  # fit's budgets as step counts
     plans = {n: batched_plans(model, budget) for n, budget in budgets.items()}
     tuned: dict[int, dict[str, Tensor]] = {}
-    for n, budget in budgets.items():
-        group = [r for r, length in enumerate(lengths) if length == n]
+    for n, group in passes.items():
         order = _fit_order([datas[r].train for r in group], [cfgs[r] for r in group], plans[n])
-        tuned.update(zip(group, train_runs(model, [starts[r] for r in group], order, budget, device), strict=True))
+        states = train_runs(model, [starts[r] for r in group], order, budgets[n], device)
+        tuned.update(zip(group, states, strict=True))
     names = trained_names(plans[lengths[0]])
     phases = {
         n: [{"phase": p.phase.name, "strategy": p.phase.strategy, "steps": p.steps} for p in ps]
@@ -281,14 +287,13 @@ def fit_batched(cfgs: Sequence[FitConfig], device: torch.device) -> list[rd.RunD
     }
     meta = tensor_meta(model, first, classes)
     norms = [m for m in meta["norms"] if f"{m}.weight" in names]
-    passes = {n: [cfgs[r].out for r, length in enumerate(lengths) if length == n] for n in budgets}
     runs = []
     for r, (cfg, data, start) in enumerate(zip(cfgs, datas, starts, strict=True)):
         run = rd.RunDir(cfg.out)
         run.prepare(resume=False, overwrite=True)  # an unfinished earlier attempt is trained again
         log = rd.EventLog(run, None)
         log.event("start", resume=False)
-        batched = {"with": passes[lengths[r]], "how": BATCHED_HOW}  # the runs of its pass, itself included
+        batched = {"with": [cfgs[q].out for q in passes[lengths[r]]], "how": BATCHED_HOW}  # its pass, itself too
         rd.write_yaml(run / rd.CONFIG, {"fit": cfg.to_dict(), "environment": environment(), "batched": batched})
         rd.write_json(run / rd.SPLITS, data.splits)
         rd.write_tensors(run / rd.BASE, start, meta)
