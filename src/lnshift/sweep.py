@@ -366,7 +366,7 @@ def _train_batched(sweep: Sweep, jobs: list[Job], echo: Callable[[str], None]) -
     failed = {}
     for (dataset, method), members in groups.items():
         start = time.time()
-        echo(f"[batched] {dataset}/{method}: {len(members)} runs in one pass")
+        echo(f"[batched] {dataset}/{method}: {len(members)} runs, one pass per run length")
         cfgs = list(members.values())
         try:
             fit_batched(cfgs, resolve_device(cfgs[0].device))
