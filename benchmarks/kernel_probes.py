@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from throughput import first_sync  # this folder, as scripts run from it
 
 from lnshift.backbones import gelu_table
 from lnshift.config import environment
@@ -59,17 +60,9 @@ def crop_probe(batch: int, sources: int, side: int, out: int) -> dict:
         return dd.roi_align_crops(images, idx, boxes, flips)
 
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")  # a host-device sync per batch would idle the GPU every step
-    try:
-        kernel()
-        sync = ""
-    except RuntimeError as err:
-        sync = str(err).splitlines()[0]
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
     return {
         "shape": [batch, 3, out, out],
-        "host_sync": sync,
+        "host_sync": first_sync(kernel),  # a host-device sync per batch would idle the GPU every step
         "source_side": side,
         "kernel_ms": milliseconds(kernel),
         "roi_align_path_ms": milliseconds(roi_align_path),
