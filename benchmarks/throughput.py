@@ -132,6 +132,19 @@ def host_seconds(step: Callable[[], object], device: torch.device, tries: int = 
     return best
 
 
+def matmul_tflops(device: torch.device, side: int = 8192, reps: int = 20) -> float:
+    """This machine's dense matrix rate (bf16 on a GPU, float32 on the CPU at a small side), in TFLOP/s.
+
+    Why: GPUs of one kind differ by a few percent (clocks, power); recorded beside each run, it tells
+    a slower machine from slower code. The ceiling fractions stay against --peak-tflops, as the issue counts.
+    """
+    cuda = device.type == "cuda"
+    side = side if cuda else 256
+    a = torch.randn(side, side, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
+    seconds = timed(lambda: a @ a, 3, reps, device)
+    return 2 * side**3 / seconds / 1e12
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -534,10 +547,13 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([sys.executable, *sys.argv]),
         "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "cpu_cores": os.cpu_count(),
+        "matmul_tflops": matmul_tflops(device),
         "environment": environment(),
         "settings": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items() if k != "out"},
         "results": [],
     }
+    kind = "bf16" if device.type == "cuda" else "float32"
+    print(f"this machine's dense {kind} matrix rate: {report['matmul_tflops']:.3g} TFLOP/s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         write_jpegs(Path(tmp), args.images, 256)
         for name in args.models.split(","):

@@ -48,6 +48,7 @@ def test_throughput_measures_the_reference_and_lnshift_side_by_side(tmp_path):
         variants["plain"]["img_per_s"] / variants["reference"]["img_per_s"]
     )
     assert report["results"][0]["train_gflop_per_image"] > 0 and "environment" in report
+    assert report["matmul_tflops"] > 0 and f"{report['matmul_tflops']:.3g} TFLOP/s" in stdout  # the machine's rate
 
 
 @pytest.mark.parametrize(
