@@ -10,11 +10,12 @@ For each model, side by side on the same GPU (bf16 autocast, AdamW, the same bat
 then forward-only evaluation (bf16, inference mode), eager and compiled. Every figure is measured in
 this run: img/s, achieved TFLOP/s (torch's FLOP counter on one real step of the whole model; lnshift's
 class-token shortcut executes ~7 % less on ViT-B, so its figure is work-equivalent), the share of the
-ceiling (--peak-tflops, 790 = dense bf16 matrix rate measured on this workplace's H200), peak
-memory, and the ratio against the reference. `plain` and `compiled` train from the same
-initial values on the same batches, so their LayerNorm values are compared at the end. --profile
-adds, per compiled variant: device time by kind of kernel, the GPU's idle time between kernels, the
-host time to launch one step, and the first host-device synchronisation inside a step, if any.
+ceiling (--peak-tflops, 790 = dense bf16 matrix rate measured on this workplace's H200; this
+machine's own rate is measured and recorded too), peak memory, and the ratio against the reference.
+`plain` and `compiled` train from the same initial values on the same batches, so their LayerNorm
+values are compared at the end. --profile adds, per compiled variant: device time by kind of
+kernel, the GPU's idle time between kernels, the host time to launch one step, and the first
+host-device synchronisation inside a step, if any.
 
     python benchmarks/throughput.py --out benchmarks/results/throughput_h200.json     # on a GPU
     python benchmarks/throughput.py --smoke                                           # tiny, CPU, CI
