@@ -13,9 +13,11 @@ class-token shortcut executes ~7 % less on ViT-B, so its figure is work-equivale
 ceiling (--peak-tflops, 790 = dense bf16 matrix rate measured on this workplace's H200; this
 machine's own rate is measured and recorded too), peak memory, and the ratio against the reference.
 `plain` and `compiled` train from the same initial values on the same batches, so their LayerNorm
-values are compared at the end. --profile adds, per compiled variant: device time by kind of
-kernel, the GPU's idle time between kernels, the host time to launch one step, and the first
-host-device synchronisation inside a step, if any.
+values are compared at the end. On NVIDIA GPUs each row also holds the median SM clock and board
+power during its timed steps (nvidia-smi, every 100 ms), beside the board's power limit and top
+clock: a GPU at its power limit runs the same kernels at lower clocks. --profile adds, per
+compiled variant: device time by kind of kernel, the GPU's idle time between kernels, the host
+time to launch one step, and the first host-device synchronisation inside a step, if any.
 
     python benchmarks/throughput.py --out benchmarks/results/throughput_h200.json     # on a GPU
     python benchmarks/throughput.py --smoke                                           # tiny, CPU, CI
@@ -32,6 +34,9 @@ import math
 import os
 import platform
 import re
+import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -109,16 +114,66 @@ def write_jpegs(folder: Path, n: int, side: int, seed: int = 0) -> None:
         img.save(path, quality=90)
 
 
-def timed(step: Callable[[], object], warmup: int, steps: int, device: torch.device) -> float:
-    """Seconds per step after `warmup` untimed steps (compilation, loader start-up, allocator)."""
+def timed(step: Callable[[], object], warmup: int, steps: int, device: torch.device) -> dict:
+    """Seconds per step after `warmup` untimed steps (compilation, loader start-up, allocator), and
+    the GPU's median SM clock and board power during the timed steps (`sampled`; none on a CPU)."""
     for _ in range(warmup):
         step()
     sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return (time.perf_counter() - start) / steps
+    command = smi_query(device, "clocks.sm,power.draw,clocks_event_reasons.sw_power_cap", "-lms", "100")
+    with sampled(command, ("sm_clock_mhz", "power_w", "power_capped")) as gpu:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        seconds = (time.perf_counter() - start) / steps
+    return {"seconds_per_step": seconds, **gpu}
+
+
+def smi_query(device: torch.device, fields: str, *options: str) -> list[str] | None:
+    """The nvidia-smi command that prints `fields` of `device` as bare CSV numbers; None off NVIDIA GPUs."""
+    smi = shutil.which("nvidia-smi")
+    if device.type != "cuda" or torch.version.hip or smi is None:
+        return None
+    gpu = f"GPU-{torch.cuda.get_device_properties(device).uuid}"
+    return [smi, "-i", gpu, f"--query-gpu={fields}", "--format=csv,noheader,nounits", *options]
+
+
+SMI_FLAGS = {"Active": 1.0, "Not Active": 0.0}  # how nvidia-smi prints a clock-event reason
+
+
+def csv_numbers(text: str) -> list[list[float]]:
+    """nvidia-smi's CSV lines as numbers (flags as 1 / 0); lines with a field it cannot read ("[N/A]") are left out."""
+    rows = []
+    for line in text.splitlines():
+        fields = [field.strip() for field in line.split(",")]
+        with contextlib.suppress(ValueError):
+            rows.append([SMI_FLAGS[f] if f in SMI_FLAGS else float(f) for f in fields])
+    return rows
+
+
+@contextlib.contextmanager
+def sampled(command: list[str] | None, names: tuple[str, ...]) -> Iterator[dict[str, float]]:
+    """The median of each column that `command` (a looping nvidia-smi query) prints while the block runs.
+
+    Why: at its power limit (700 W on an H200) a GPU lowers its clocks, so the same kernels run
+    slower; the clock, the power and whether the power cap held them down (a flag: 1 when it did in
+    most samples) tell a power-bound step from slow code. The dict is filled when the block ends;
+    it stays empty without a command or when nothing was read; cut-off lines are left out.
+    """
+    medians: dict[str, float] = {}
+    if command is None:
+        yield medians
+        return
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        yield medians
+    finally:
+        proc.terminate()
+        rows = [row for row in csv_numbers(proc.communicate()[0]) if len(row) == len(names)]
+        if rows:
+            columns = zip(*rows, strict=True)
+            medians.update({name: statistics.median(col) for name, col in zip(names, columns, strict=True)})
 
 
 def host_seconds(step: Callable[[], object], device: torch.device, tries: int = 3) -> float:
@@ -142,8 +197,18 @@ def matmul_tflops(device: torch.device, side: int = 8192, reps: int = 20) -> flo
     cuda = device.type == "cuda"
     side = side if cuda else 256
     a = torch.randn(side, side, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
-    seconds = timed(lambda: a @ a, 3, reps, device)
+    seconds = timed(lambda: a @ a, 3, reps, device)["seconds_per_step"]
     return 2 * side**3 / seconds / 1e12
+
+
+def gpu_limits(device: torch.device) -> dict[str, float]:
+    """The board's power limit (W) and top SM clock (MHz), the bounds `sampled` figures are read against."""
+    names = ("power_limit_w", "max_sm_clock_mhz")
+    command = smi_query(device, "power.limit,clocks.max.sm")
+    if command is None:
+        return {}
+    rows = csv_numbers(subprocess.run(command, capture_output=True, text=True, check=False).stdout)
+    return dict(zip(names, rows[0], strict=True)) if rows and len(rows[0]) == len(names) else {}
 
 
 def sync(device: torch.device) -> None:
@@ -313,9 +378,9 @@ def reference(args: argparse.Namespace, name: str, folder: Path, device: torch.d
         optimizer.step()
 
     reset_memory(device)
-    seconds = timed(step, args.warmup, args.steps, device)
+    row = timed(step, args.warmup, args.steps, device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"seconds_per_step": seconds, "peak_gib": peak_gib(device), "trainable": trainable}
+    return row | {"peak_gib": peak_gib(device), "trainable": trainable}
 
 
 # ---------------------------------------------------------------- lnshift
@@ -380,12 +445,11 @@ def lnshift_train(
     step()  # the first step compiles; timed separately
     sync(device)
     first = time.perf_counter() - compile_start
-    seconds = timed(step, args.warmup - 1, args.steps, device)
+    row = timed(step, args.warmup - 1, args.steps, device) | {"peak_gib": peak_gib(device), "first_step_s": first}
     if compiled and args.profile:
         print_profile(step, device)
     params = dict(model.named_parameters())
     tuned = {k: params[k].detach().float().cpu() for k in names}
-    row = {"seconds_per_step": seconds, "peak_gib": peak_gib(device), "first_step_s": first}
     if compiled and args.profile and device.type == "cuda":  # last: a step stopped by an error is left half done
         row["host_seconds_per_step"] = host_seconds(step, device)
         print(f"host time to launch a step: {row['host_seconds_per_step'] * 1e3:.2f} ms", flush=True)
@@ -426,11 +490,11 @@ def eval_throughput(args: argparse.Namespace, name: str, device: torch.device, c
             forward(x)
 
     reset_memory(device)
-    seconds = timed(step, args.warmup, args.steps, device)
+    row = timed(step, args.warmup, args.steps, device) | {"peak_gib": peak_gib(device)}
     every_token(model)  # the yardstick, as for training
     with FlopCounterMode(display=False) as counter, torch.inference_mode(), autocast(device, args.precision):
         model(x)
-    return {"seconds_per_step": seconds, "peak_gib": peak_gib(device), "flops": counter.get_total_flops()}
+    return row | {"flops": counter.get_total_flops()}
 
 
 # ---------------------------------------------------------------- driver
@@ -500,14 +564,17 @@ def bench_model(args: argparse.Namespace, name: str, folder: Path, device: torch
 
 def table(results: list[dict]) -> str:
     lines = [
-        f"{'model':<24} {'variant':<14} {'img/s':>9} {'TFLOP/s':>8} {'ceiling':>8} {'peak GiB':>9} {'x ref':>6}",
+        f"{'model':<24} {'variant':<14} {'img/s':>9} {'TFLOP/s':>8} {'ceiling':>8} {'peak GiB':>9} {'x ref':>6}"
+        f" {'SM MHz':>7} {'W':>5}",
     ]
     for r in results:
         for variant, row in r["variants"].items():
             ratio = f"{row['vs_reference']:.2f}" if "vs_reference" in row else ""
+            clock = f"{row['sm_clock_mhz']:.0f}" if "sm_clock_mhz" in row else ""
+            watts = f"{row['power_w']:.0f}{'*' if row.get('power_capped') else ''}" if "power_w" in row else ""
             lines.append(
                 f"{r['model']:<24} {variant:<14} {row['img_per_s']:>9.0f} {row['tflops']:>8.1f} "
-                f"{row['ceiling_fraction']:>8.1%} {row['peak_gib']:>9.2f} {ratio:>6}"
+                f"{row['ceiling_fraction']:>8.1%} {row['peak_gib']:>9.2f} {ratio:>6} {clock:>7} {watts:>5}"
             )
         extra = f"ceiling {r['ceiling_img_per_s']:.0f} img/s at {r['train_gflop_per_image']:.1f} GFLOP/image"
         if "compiled_vs_plain_max_abs_diff" in r:
@@ -515,6 +582,8 @@ def table(results: list[dict]) -> str:
                 f"; compiled vs plain LayerNorms after training: max |diff| {r['compiled_vs_plain_max_abs_diff']:.2e}"
             )
         lines.append(f"{'':<24} {extra}")
+    if any(row.get("power_capped") for r in results for row in r["variants"].values()):
+        lines.append(f"{'':<24} W*: the board's power cap held its clocks down in most samples")
     return "\n".join(lines)
 
 
@@ -549,12 +618,16 @@ def main(argv: list[str] | None = None) -> int:
         "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "cpu_cores": os.cpu_count(),
         "matmul_tflops": matmul_tflops(device),
+        "gpu_limits": gpu_limits(device),
         "environment": environment(),
         "settings": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items() if k != "out"},
         "results": [],
     }
     kind = "bf16" if device.type == "cuda" else "float32"
     print(f"this machine's dense {kind} matrix rate: {report['matmul_tflops']:.3g} TFLOP/s", flush=True)
+    if report["gpu_limits"]:
+        limits = report["gpu_limits"]
+        print(f"power limit {limits['power_limit_w']:.0f} W, top SM clock {limits['max_sm_clock_mhz']:.0f} MHz")
     with tempfile.TemporaryDirectory() as tmp:
         write_jpegs(Path(tmp), args.images, 256)
         for name in args.models.split(","):

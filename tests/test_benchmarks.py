@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,32 @@ def test_throughput_measures_the_reference_and_lnshift_side_by_side(tmp_path):
     )
     assert report["results"][0]["train_gflop_per_image"] > 0 and "environment" in report
     assert report["matmul_tflops"] > 0 and f"{report['matmul_tflops']:.3g} TFLOP/s" in stdout  # the machine's rate
+    assert "SM MHz" in stdout and report["gpu_limits"] == {}  # no GPU to read clocks and power from
+
+
+def test_sampled_keeps_the_median_of_each_column_printed_while_the_block_ran(tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from throughput import sampled
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    printed = tmp_path / "printed"
+    fake_smi = (  # prints as `nvidia-smi -lms` would (plus an unreadable and a cut-off line), then runs on
+        "import pathlib, sys, time\n"
+        "print('1650, 640.5, Active\\n[N/A], 1.0, Active\\n1700, 650.0, Active\\n1500, 600.0, Not Active\\n1600',"
+        " flush=True)\n"
+        "pathlib.Path(sys.argv[1]).touch()\n"
+        "time.sleep(120)"
+    )
+    with sampled([sys.executable, "-c", fake_smi, str(printed)], ("sm_clock_mhz", "power_w", "power_capped")) as gpu:
+        deadline = time.monotonic() + 60
+        while not printed.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gpu == {}  # filled when the block ends
+    assert gpu == {"sm_clock_mhz": 1650.0, "power_w": 640.5, "power_capped": 1.0}
+    with sampled(None, ("sm_clock_mhz",)) as nothing:
+        pass
+    assert nothing == {}
 
 
 @pytest.mark.parametrize(
