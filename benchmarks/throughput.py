@@ -67,6 +67,7 @@ from lnshift.strategies import StrategyOptions, get_strategy
 
 NUM_CLASSES = 100
 PROFILED_STEPS = 3
+UNRECORDED_STEPS = 2  # run under the profiler first, not counted: its start leaves the GPU idle ~2 ms more
 # lnshift's training variants: eager, torch.compile, + cuDNN attention first, + frozen weights in bf16,
 # + CUDA graphs (one launch per compiled forward / backward instead of hundreds of kernels),
 # + inductor's autotuned GEMM templates (which can fuse bias / GELU / residual epilogues; slow to compile)
@@ -241,14 +242,21 @@ def kernel_kind(name: str) -> str:
 
 
 def print_profile(step: Callable[[], object], device: torch.device, steps: int = PROFILED_STEPS) -> None:
-    """Where a step's device time goes: milliseconds per step by kind of kernel, then the costliest kernels."""
+    """Where a step's device time goes: milliseconds per step by kind of kernel, then the costliest kernels.
+
+    The profiler records `steps` steady steps after UNRECORDED_STEPS: the first steps under it start
+    on an idle GPU and with the profiler's own start-up, which would add to the idle time.
+    """
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(steps):
+    schedule = torch.profiler.schedule(wait=1, warmup=UNRECORDED_STEPS - 1, active=steps)
+    with torch.profiler.profile(activities=activities, schedule=schedule) as prof:
+        for i in range(UNRECORDED_STEPS + steps):
             step()
-        sync(device)
+            if i == UNRECORDED_STEPS + steps - 1:
+                sync(device)  # the recorded steps' kernels finish before the profiler stops recording
+            prof.step()
     if device.type != "cuda":
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), flush=True)
         return
@@ -423,7 +431,7 @@ def lnshift_train(
     compile_args = compile_args or {}
     forward = torch.compile(model, **compile_args) if compiled else model
     loss_fn = nn.CrossEntropyLoss(reduction="sum")  # train_step takes the mean over the global batch
-    n = args.warmup + args.steps + PROFILED_STEPS + 4  # + 4: host_seconds, first_sync
+    n = args.warmup + args.steps + UNRECORDED_STEPS + PROFILED_STEPS + 4  # + 4: host_seconds, first_sync
     batches = iter(
         DeviceBatches(
             images,

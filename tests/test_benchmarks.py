@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -53,12 +54,44 @@ def test_throughput_measures_the_reference_and_lnshift_side_by_side(tmp_path):
     assert "SM MHz" in stdout and report["gpu_limits"] == {}  # no GPU to read clocks and power from
 
 
-def test_sampled_keeps_the_median_of_each_column_printed_while_the_block_ran(tmp_path):
+def throughput_module():
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        from throughput import sampled
+        import throughput
     finally:
         sys.path.remove(str(BENCHMARKS))
+    return throughput
+
+
+def test_the_profile_leaves_out_the_first_steps_run_under_it(capsys):
+    throughput = throughput_module()
+    calls = []
+
+    def step():
+        with torch.profiler.record_function(f"step{len(calls)}"):
+            calls.append(torch.ones(4).sum())
+
+    throughput.print_profile(step, torch.device("cpu"))
+    printed = capsys.readouterr().out
+    unrecorded, n = throughput.UNRECORDED_STEPS, throughput.UNRECORDED_STEPS + throughput.PROFILED_STEPS
+    assert len(calls) == n
+    assert [f" step{i} " in printed for i in range(n)] == [i >= unrecorded for i in range(n)]
+
+
+def test_a_profiled_compiled_run_draws_enough_batches_and_counts_the_recorded_steps():
+    command = [
+        *(sys.executable, str(BENCHMARKS / "throughput.py"), "--models", "test_vit", "--model-kwargs"),
+        *('{"img_size": 32}', "--batch-size", "8", "--steps", "2", "--warmup", "2", "--images", "32"),
+        *("--workers", "0", "--variants", "compiled", "--profile", "--device", "cpu"),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    optimizer_steps = next(line for line in done.stdout.splitlines() if "Optimizer.step#AdamW.step" in line)
+    assert int(optimizer_steps.split()[-1]) == throughput_module().PROFILED_STEPS  # "# of Calls", the last column
+
+
+def test_sampled_keeps_the_median_of_each_column_printed_while_the_block_ran(tmp_path):
+    sampled = throughput_module().sampled
     printed = tmp_path / "printed"
     fake_smi = (  # prints as `nvidia-smi -lms` would (plus an unreadable and a cut-off line), then runs on
         "import pathlib, sys, time\n"
