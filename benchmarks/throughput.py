@@ -67,7 +67,7 @@ from lnshift.strategies import StrategyOptions, get_strategy
 
 NUM_CLASSES = 100
 PROFILED_STEPS = 3
-UNRECORDED_STEPS = 2  # run under the profiler first, not counted: its start leaves the GPU idle ~2 ms more
+SPIN = 200_000_000  # GPU cycles (~0.1 s) that torch.cuda._sleep's spin kernel busies the GPU before a profile
 # lnshift's training variants: eager, torch.compile, + cuDNN attention first, + frozen weights in bf16,
 # + CUDA graphs (one launch per compiled forward / backward instead of hundreds of kernels),
 # + inductor's autotuned GEMM templates (which can fuse bias / GELU / residual epilogues; slow to compile)
@@ -244,24 +244,29 @@ def kernel_kind(name: str) -> str:
 def print_profile(step: Callable[[], object], device: torch.device, steps: int = PROFILED_STEPS) -> None:
     """Where a step's device time goes: milliseconds per step by kind of kernel, then the costliest kernels.
 
-    The profiler records `steps` steady steps after UNRECORDED_STEPS: the first steps under it start
-    on an idle GPU and with the profiler's own start-up, which would add to the idle time.
+    On a GPU the profile starts with a spin kernel (left out of every figure) so that the host has
+    queued the first step's kernels before they run, as in steady training: started on an idle GPU,
+    the first step idled ~2.9 ms between kernels against ~0.9 in later ones (ViT-B/16, an H200).
     """
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    schedule = torch.profiler.schedule(wait=1, warmup=UNRECORDED_STEPS - 1, active=steps)
-    with torch.profiler.profile(activities=activities, schedule=schedule) as prof:
-        for i in range(UNRECORDED_STEPS + steps):
+    with torch.profiler.profile(activities=activities) as prof:
+        if device.type == "cuda":
+            torch.cuda._sleep(SPIN)
+        for _ in range(steps):
             step()
-            if i == UNRECORDED_STEPS + steps - 1:
-                sync(device)  # the recorded steps' kernels finish before the profiler stops recording
-            prof.step()
+        sync(device)
     if device.type != "cuda":
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), flush=True)
         return
     kernels = [
-        e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total
+        e
+        for e in prof.key_averages()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+        and e.self_device_time_total
+        and not e.is_user_annotation  # ranges such as Optimizer.step#AdamW.step: their kernels count already
+        and "spin_kernel" not in e.key
     ]
     kernels.sort(key=lambda e: -e.self_device_time_total)
     by_kind: dict[str, float] = {}
@@ -283,7 +288,10 @@ def print_idle(prof: torch.profiler.profile, steps: int) -> None:
     spans = sorted(
         (e.start_ns(), e.start_ns() + e.duration_ns(), e.name())
         for e in prof.profiler.kineto_results.events()
-        if e.device_type() == torch.autograd.DeviceType.CUDA and e.duration_ns() > 0
+        if e.device_type() == torch.autograd.DeviceType.CUDA
+        and e.duration_ns() > 0
+        and not e.is_user_annotation()  # a range over kernels would hide the gaps between them
+        and "spin_kernel" not in e.name()
     )
     gaps, end, before = [], spans[0][1], spans[0][2]
     for start, stop, name in spans[1:]:
@@ -431,7 +439,7 @@ def lnshift_train(
     compile_args = compile_args or {}
     forward = torch.compile(model, **compile_args) if compiled else model
     loss_fn = nn.CrossEntropyLoss(reduction="sum")  # train_step takes the mean over the global batch
-    n = args.warmup + args.steps + UNRECORDED_STEPS + PROFILED_STEPS + 4  # + 4: host_seconds, first_sync
+    n = args.warmup + args.steps + PROFILED_STEPS + 4  # + 4: host_seconds, first_sync
     batches = iter(
         DeviceBatches(
             images,
