@@ -241,6 +241,13 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, name)), "other")
 
 
+def steady_kernel(name: str, annotation: bool) -> bool:
+    """Whether a profiled GPU event counts as the steps' kernel: not the spin kernel before them, and no
+    annotation range (Optimizer.step#AdamW.step, ...): its kernels count already, and as busy time
+    it would hide the gaps between them."""
+    return not annotation and "spin_kernel" not in name
+
+
 def print_profile(step: Callable[[], object], device: torch.device, steps: int = PROFILED_STEPS) -> None:
     """Where a step's device time goes: milliseconds per step by kind of kernel, then the costliest kernels.
 
@@ -267,8 +274,7 @@ def print_profile(step: Callable[[], object], device: torch.device, steps: int =
         for e in prof.key_averages()
         if e.device_type == torch.autograd.DeviceType.CUDA
         and e.self_device_time_total
-        and not e.is_user_annotation  # ranges such as Optimizer.step#AdamW.step: their kernels count already
-        and "spin_kernel" not in e.key
+        and steady_kernel(e.key, e.is_user_annotation)
     ]
     kernels.sort(key=lambda e: -e.self_device_time_total)
     by_kind: dict[str, float] = {}
@@ -292,8 +298,7 @@ def print_idle(prof: torch.profiler.profile, steps: int) -> None:
         for e in prof.profiler.kineto_results.events()
         if e.device_type() == torch.autograd.DeviceType.CUDA
         and e.duration_ns() > 0
-        and not e.is_user_annotation()  # a range over kernels would hide the gaps between them
-        and "spin_kernel" not in e.name()
+        and steady_kernel(e.name(), e.is_user_annotation())
     )
     gaps, end, before = [], spans[0][1], spans[0][2]
     for start, stop, name in spans[1:]:
