@@ -29,10 +29,13 @@ def test_gelu_is_correctly_rounded_on_every_bf16_input():
     ours = gt.gelu_lookup(ALL_BF16)
     exact = gt.round_bf16(gt.gelu64(x64))
     assert same_bits(ours, exact)[finite].all()
-    # torch's float32 erf rounds the other way on a few inputs (and loses the far negative tail); inf and
-    # NaN agree
-    differ = ~same_bits(ours, F.gelu(ALL_BF16))
-    assert differ.sum() < 300 and not differ[~finite].any()
+    # torch's own float32 GELU is the same function: within one bf16 ulp for 2**-100 <= |x| <= 3, where the
+    # tanh approximation is up to 16 ulps off. Below -3 float32's 1 + erf cancels and torch drifts toward 0,
+    # and some CPUs flush subnormals to 0 (the H200 machine's does: 127.5 ulps). inf and NaN agree.
+    theirs = F.gelu(ALL_BF16)
+    ulps = (theirs.double() - gt.gelu64(x64)).abs() / bf16_ulp(gt.gelu64(x64))
+    assert ulps[finite & (x64.abs() <= 3) & (x64.abs() >= 2**-100)].max() <= 1
+    assert same_bits(ours, theirs)[~finite].all()
 
 
 def bf16_ulp(v: torch.Tensor) -> torch.Tensor:
@@ -109,24 +112,27 @@ def test_a_loaded_vit_trains_the_same_with_the_table_gelu():
     torch.testing.assert_close(ours, plain, rtol=0.05, atol=1e-3 * plain.abs().max().item())
 
 
-def test_kernels_equal_the_lookup_in_tritons_interpreter():
-    """The CUDA kernels, run on the CPU by Triton's interpreter, bit for bit against the torch lookup."""
+def test_kernels_equal_the_lookup(device):
+    """The CUDA kernels (on the CPU run by Triton's interpreter) bit for bit against the torch lookup."""
     pytest.importorskip("triton")
     script = """
+import sys
 import torch
 from lnshift.backbones import gelu_table as gt
 from lnshift.backbones.gelu_kernel import BLOCK, gelu_backward, gelu_forward
+dev = torch.device(sys.argv[1])
 x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
 x = torch.cat([x, x[: BLOCK // 3]])  # a last block that is partly outside
 dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).bfloat16()
-gelu, slope = gt.tables(torch.device("cpu"))
-assert gelu_forward(x[:0], gelu).shape == gelu_backward(dy[:0], x[:0], slope).shape == (0,)
-pairs = [(gelu_forward(x, gelu), gt.gelu_lookup(x)), (gelu_backward(dy, x, slope), gt.gelu_bf16_backward(dy, x))]
-print(sum(int((a.view(torch.int16) != b.view(torch.int16)).logical_and(~(a.isnan() & b.isnan())).sum())
+gelu, slope = gt.tables(dev)
+xd, dyd = x.to(dev), dy.to(dev)
+assert gelu_forward(xd[:0], gelu).shape == gelu_backward(dyd[:0], xd[:0], slope).shape == (0,)
+pairs = [(gelu_forward(xd, gelu), gt.gelu_lookup(x)), (gelu_backward(dyd, xd, slope), gt.gelu_bf16_backward(dy, x))]
+print(sum(int((a.cpu().view(torch.int16) != b.view(torch.int16)).logical_and(~(a.cpu().isnan() & b.isnan())).sum())
           for a, b in pairs))
 """
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, **({"TRITON_INTERPRET": "1"} if device == "cpu" else {})}
+    done = subprocess.run([sys.executable, "-c", script, device], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split()[-1] == "0"
 
