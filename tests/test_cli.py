@@ -13,7 +13,8 @@ from lnshift import rundir as rd
 from lnshift.cli import main
 from lnshift.data import ImageDataset, make_transform, open_source
 from lnshift.data.builtin import resolve_spec
-from lnshift.evaluate import predict
+from lnshift.data.device import to_device
+from lnshift.evaluate import predict, resolve_device
 from lnshift.fit import loader
 from lnshift.saved_run import load_run
 from tiny import TINY
@@ -26,9 +27,10 @@ def fit(out, *extra):
 
 
 @pytest.fixture(scope="module")
-def ln_run(tmp_path_factory):
+def ln_run(tmp_path_factory, device):
+    """One `ln` run that most tests here read; under `pytest --gpu` it trains on the GPU."""
     out = tmp_path_factory.mktemp("runs") / "ln"
-    assert fit(out, "--method", "ln") == 0
+    assert fit(out, "--method", "ln", "--device", device) == 0
     return out
 
 
@@ -58,19 +60,24 @@ def test_adapter_holds_only_layernorms_and_head(ln_run):
 
 
 def test_loaded_run_reproduces_saved_validation_metrics(ln_run):
+    """On the run's own device and precision, bit for bit."""
     saved = load_run(ln_run)
+    device = resolve_device(saved.cfg.device)
     splits = json.loads((ln_run / rd.SPLITS).read_text())
     val = splits["splits"]["val"]
     source = open_source(resolve_spec(val["source"]))
-    ds = ImageDataset(
-        source, val["indices"], splits["class_to_idx"], make_transform(saved.model.backbone.data_config, train=False)
-    )
-    logits, labels = predict(saved.model, loader(ds, saved.cfg, train=False), torch.device("cpu"), "fp32")
+    data_config = saved.model.backbone.data_config
+    ds = ImageDataset(source, val["indices"], splits["class_to_idx"], make_transform(data_config, train=False))
+    if "input pipeline: device" in (ln_run / rd.LOG).read_text():  # as the run scored it: normalised on the GPU
+        ds = to_device(ds, data_config, device, crops=False)
+    logits, labels = predict(saved.model.to(device), loader(ds, saved.cfg, train=False), device, saved.cfg.precision)
     metrics = json.loads((ln_run / rd.METRICS).read_text())["val"]
     assert float(np.mean(logits.argmax(1) == labels)) == metrics["accuracy"]
     loss = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
     assert loss == pytest.approx(metrics["loss"], abs=1e-6)
-    again, _ = predict(load_run(ln_run).model, loader(ds, saved.cfg, train=False), torch.device("cpu"), "fp32")
+    again, _ = predict(
+        load_run(ln_run).model.to(device), loader(ds, saved.cfg, train=False), device, saved.cfg.precision
+    )
     assert np.array_equal(logits, again)
 
 

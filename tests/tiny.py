@@ -12,3 +12,8 @@ def same_outputs(actual: torch.Tensor, expected: torch.Tensor) -> None:
     (backbones.patch_matmul) and, with class-token pooling, the last block's tail on one token
     (backbones.timm_backbone). Weights loaded wrongly differ by orders of magnitude more."""
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest difference between two state dicts with the same keys."""
+    return max((a[k] - b[k]).abs().max().item() for k in a)
