@@ -2,8 +2,9 @@
 machine with a GPU, `--device auto` would train them in bf16 there and their tolerances would not hold. So
 GPUs are hidden from every test and its subprocesses, and the results do not depend on the machine.
 
-`pytest --gpu` runs the GPU checks instead: only the tests that take the `device` fixture, on CUDA, where
-`--precision auto` means bf16 autocast (their tolerances say how close that must come)."""
+`pytest --gpu` runs the GPU checks instead: only the tests that take the `device` fixture, on CUDA. Tests
+that compare two runs to rounding train them in float32 there too; the others run as a user's run would,
+in bf16 autocast, and say how close that must come."""
 
 import os
 

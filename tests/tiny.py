@@ -1,5 +1,5 @@
-"""Shared by the tests: options for timm's tiny random test ViT at 32 px (no workers, no bars), and a
-comparison of a loaded backbone's outputs with its source model's."""
+"""Shared by the tests: options for timm's tiny random test ViT at 32 px (no workers, no bars), a
+comparison of a loaded backbone's outputs with its source model's, and the distance between two runs."""
 
 import torch
 
