@@ -83,12 +83,24 @@ class FitConfig:
     min_epoch_steps: int = _opt(
         20, "an epoch (a validation point) is one pass over the data but at least this many steps"
     )
-    lr: float = _opt(1e-3, "peak learning rate (AdamW)")
+    lr: float | None = _opt(
+        None,
+        "peak learning rate (AdamW): a number; a list 'A,B,C' or 'auto' (the method's grid) to choose it on "
+        "validation (docs/search.md); default: the method's measured default",
+    )
     weight_decay: float = _opt(0.05, "AdamW weight decay for matrices")
     decay_1d: bool = _opt(False, "also decay 1-D parameters (LayerNorm, biases); off by default")
     warmup: float = _opt(0.1, "share of each phase's steps spent in linear warm-up")
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss")
     select: str = _opt("best", "which epoch a phase keeps: best (validation accuracy) or last")
+    search: dict = _opt(
+        {},
+        "options chosen on validation, as YAML {OPTION: [values] or auto}, e.g. '{lr: auto, weight_decay: [0, "
+        "0.05]}'; one run per combination, the best becomes the run (docs/search.md)",
+    )
+    select_metric: str = _opt(
+        "accuracy", "validation metric that --search / a list of --lr values maximises (loss and ece: minimises)"
+    )
     seed: int = _opt(0, "seed for splits, initialisation and data order")
     # runtime
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
@@ -117,10 +129,14 @@ class FitConfig:
         self.validate()
 
     def validate(self) -> None:
-        from .phases import METHODS
+        from .phases import DEFAULT_LR, METHODS
 
         if self.method not in METHODS:
             raise ConfigError(f"unknown --method {self.method!r}; choose one of {list(METHODS)}")
+        self.search, lr = resolve_search(self.search, self.lr, self.method)
+        self.lr = DEFAULT_LR[self.method] if lr is None else lr
+        if self.select_metric not in SELECT_METRICS:
+            raise ConfigError(f"--select-metric must be one of {list(SELECT_METRICS)}, got {self.select_metric!r}")
         if self.fraction is not None and self.shots is not None:
             raise ConfigError("give at most one of --fraction and --shots")
         if self.fraction is not None and not 0 < self.fraction <= 1:
@@ -175,6 +191,82 @@ class FitConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown option(s) {unknown}")
         return cls(**data)
+
+
+# fit options a search may try several values of, with the type of a value (docs/search.md)
+SEARCHABLE = {
+    "lr": float,
+    "weight_decay": float,
+    "warmup": float,
+    "label_smoothing": float,
+    "steps": int,
+    "epochs": int,
+    "batch_size": int,
+    "lora_rank": int,
+    "lora_alpha": float,
+}
+# validation metrics a search can select on: True where larger is better
+SELECT_METRICS = {
+    "accuracy": True,
+    "balanced_accuracy": True,
+    "macro_f1": True,
+    "auroc": True,
+    "loss": False,
+    "ece": False,
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def parse_values(text: str, option: str) -> list[Any] | str:
+    """'auto', or a comma-separated list of values of a searchable option."""
+    if text.strip() == "auto":
+        return "auto"
+    kind = SEARCHABLE[option]
+    try:
+        return [kind(float(v)) if kind is int else kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--{option.replace('_', '-')}: expected numbers separated by commas, got {text!r}") from None
+
+
+def resolve_search(search: Any, lr: Any, method: str) -> tuple[dict[str, list], float | None]:
+    """A config's grid {option: sorted unique values} and its single --lr (None: the method's default).
+
+    `--lr A,B` and `--lr auto` join the grid; 'auto' is the method's learning-rate grid. Every error
+    names the option and the value at fault.
+    """
+    from .phases import LR_GRID
+
+    if not isinstance(search, dict):
+        raise ConfigError(f"--search: expected a mapping {{option: [values]}}, got {search!r}")
+    search = dict(search)
+    if isinstance(lr, str) and "," not in lr and lr.strip() != "auto":
+        try:
+            lr = float(lr)
+        except ValueError:
+            raise ConfigError(f"--lr: expected a number, a list 'A,B,C' or 'auto', got {lr!r}") from None
+    if isinstance(lr, (str, list)):
+        if "lr" in search and search["lr"] != lr:
+            raise ConfigError(f"--lr {lr!r} and --search lr {search['lr']!r}: give the grid once")
+        search["lr"], lr = lr, None
+    if lr is not None and (not _is_number(lr) or not lr > 0):
+        raise ConfigError(f"--lr must be a positive number, got {lr!r}")
+    grid = {}
+    for option, values in search.items():
+        if option not in SEARCHABLE:
+            raise ConfigError(f"--search: {option!r} cannot be searched; searchable options: {list(SEARCHABLE)}")
+        if values == "auto":
+            if option != "lr":
+                raise ConfigError(f"--search {option}: 'auto' exists for lr only (the method's grid); list values")
+            values = list(LR_GRID[method])
+        if isinstance(values, str):
+            values = parse_values(values, option)
+        if not isinstance(values, list) or not values or not all(_is_number(v) for v in values):
+            raise ConfigError(f"--search {option}: expected a non-empty list of numbers or 'auto', got {values!r}")
+        grid[option] = sorted({SEARCHABLE[option](v) for v in values})
+    return grid, lr
 
 
 # Options newer than some saved runs: what those older versions did, for comparing their config.yaml.
@@ -237,7 +329,7 @@ def add_fit_options(parser: argparse.ArgumentParser) -> None:
         elif kind == "bool":
             parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, metavar="BOOL", help=help_text)
         else:
-            scalar = {"int": int, "float": float}.get(kind.split(" ")[0], str)
+            scalar = str if f.name == "lr" else {"int": int, "float": float}.get(kind.split(" ")[0], str)
             parser.add_argument(flag, dest=f.name, type=scalar, help=f"{help_text} (default: {f.default})")
 
 

@@ -281,10 +281,13 @@ def loader(
 
 
 def changed_options(run: rd.RunDir, cfg: FitConfig) -> list[str]:
-    """Options, other than RESUME_FREE ones, in which `cfg` differs from the config the run was made with."""
+    """Options, other than RESUME_FREE ones, in which `cfg` differs from the config the run was made with.
+
+    Searched options are compared by their grids (`search`): the run holds the value its search chose.
+    """
     saved = saved_options(run.read_config().get("fit", {}))
     now = cfg.to_dict()
-    return sorted(k for k in now if k not in RESUME_FREE and saved[k] != now[k])
+    return sorted(k for k in now if k not in RESUME_FREE and k not in cfg.search and saved[k] != now[k])
 
 
 def check_resume(run: rd.RunDir, cfg: FitConfig) -> None:
@@ -293,17 +296,39 @@ def check_resume(run: rd.RunDir, cfg: FitConfig) -> None:
         raise RunDirError(f"--resume: options differ from the interrupted run in {run.path}: {differ}")
 
 
-def fit(cfg: FitConfig, echo: Callable[[str], None] | None = print) -> rd.RunDir:
+def fit(cfg: FitConfig, echo: Callable[[str], None] | None = print, *, score_tests: bool = True) -> rd.RunDir:
     """Train one run as configured and write its run directory; returns it.
 
-    Under torchrun every process calls it, and together they train one data-parallel run (distributed.py).
+    With a grid (`cfg.search`, or `--lr A,B,C` / `auto`) every candidate trains under OUT/search/ and the
+    one with the best validation metric becomes the run (search.py). `score_tests=False` leaves the test
+    sets unscored (a search's candidates). Under torchrun every process calls it, and together they
+    train one data-parallel run (distributed.py).
     """
     with dist.process_group(resolve_device(cfg.device)) as device:
-        return _fit(cfg, device, echo)
+        if cfg.search:
+            from .search import fit_search
+
+            return fit_search(cfg, device, echo, score_tests=score_tests)
+        return _fit(cfg, device, echo, score_tests)
 
 
-def _fit(cfg: FitConfig, device: torch.device, echo: Callable[[str], None] | None) -> rd.RunDir:
-    """fit() on this process's device, inside the process group if there is one."""
+@dataclass
+class Trainee:
+    """A run being made: its directory and log, data, model, phases and the pretrained values of what trains."""
+
+    run: rd.RunDir
+    log: rd.EventLog
+    data: Data
+    model: Classifier
+    plans: list[PhasePlan]
+    names: list[str]
+    norms: list[str]  # the norm modules whose gamma trains
+    base: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+
+def start_run(cfg: FitConfig, echo: Callable[[str], None] | None) -> tuple[rd.RunDir, rd.EventLog]:
+    """Create (or reopen, with --resume) the run directory and its log; write config.yaml."""
     run = rd.RunDir(cfg.out)
     dist.from_main(partial(run.prepare, resume=cfg.resume, overwrite=cfg.overwrite))
     if cfg.resume:
@@ -311,8 +336,21 @@ def _fit(cfg: FitConfig, device: torch.device, echo: Callable[[str], None] | Non
     log = rd.EventLog(run, echo, tensorboard=cfg.tensorboard)
     log.event("start", resume=cfg.resume)
     rd.write_yaml(run / rd.CONFIG, {"fit": cfg.to_dict(), "environment": environment(), "command": sys.argv})
-    seed_everything(cfg.seed)
+    return run, log
 
+
+def _fit(cfg: FitConfig, device: torch.device, echo: Callable[[str], None] | None, score_tests: bool) -> rd.RunDir:
+    """fit() of one configuration on this process's device, inside the process group if there is one."""
+    run, log = start_run(cfg, echo)
+    seed_everything(cfg.seed)
+    trainee = build(cfg, device, run, log)
+    phases = train(trainee, cfg, device)
+    finish(trainee, cfg, device, phases, score_tests)
+    return run
+
+
+def build(cfg: FitConfig, device: torch.device, run: rd.RunDir, log: rd.EventLog) -> Trainee:
+    """Backbone, data (splits.json), model and phases of a run; base.safetensors holds what trains, pretrained."""
     backbone = load_configured_backbone(cfg)
     data = prepare_data(cfg, backbone.data_config)
     model = build_model(cfg, backbone, len(data.classes)).to(device)
@@ -347,8 +385,14 @@ def _fit(cfg: FitConfig, device: torch.device, echo: Callable[[str], None] | Non
     if not (run / rd.BASE).exists():
         rd.write_tensors(run / rd.BASE, snapshot(model, names), meta)
     base = dist.from_main(lambda: run.read_tensors(rd.BASE)[0])
+    norms = [m for m in meta["norms"] if f"{m}.weight" in names]
+    return Trainee(run, log, data, model, plans, names, norms, base, meta)
 
-    ckpt_path = run / rd.CHECKPOINT / "state.pt"
+
+def train(t: Trainee, cfg: FitConfig, device: torch.device) -> list[dict[str, Any]]:
+    """Run the phases not yet done (resuming from the checkpoint); returns each phase's record (cycles.json)."""
+    model, data, names = t.model, t.data, t.names
+    ckpt_path = t.run / rd.CHECKPOINT / "state.pt"
     done_phases: list[dict] = []
     resume_state: PhaseState | None = None
 
@@ -361,11 +405,10 @@ def _fit(cfg: FitConfig, device: torch.device, echo: Callable[[str], None] | Non
     if ckpt is not None:
         restore(model, ckpt["tensors"])
         done_phases, resume_state = ckpt["done_phases"], ckpt["state"]
-        log.info(f"resuming after phase {len(done_phases)} epoch {resume_state.epoch if resume_state else 0}")
+        t.log.info(f"resuming after phase {len(done_phases)} epoch {resume_state.epoch if resume_state else 0}")
 
-    trained_norms = [m for m in meta["norms"] if f"{m}.weight" in names]
     validate = partial(evaluate, model, loader(data.val, cfg, train=False), len(data.classes), device, cfg.precision)
-    for plan in plans[len(done_phases) :]:
+    for plan in t.plans[len(done_phases) :]:
 
         def save_checkpoint(state: PhaseState, plan: PhasePlan = plan) -> None:
             rd.save_torch(ckpt_path, {"tensors": snapshot(model, names), "done_phases": done_phases, "state": state})
@@ -377,34 +420,38 @@ def _fit(cfg: FitConfig, device: torch.device, echo: Callable[[str], None] | Non
             lambda g: loader(data.train, cfg, train=True, generator=g),
             validate,
             device,
-            log,
+            t.log,
             save_checkpoint,
             resume_state,
         )
         resume_state = None
         record = {"phase": plan.phase.name, "strategy": plan.phase.strategy, "steps": plan.steps}
         record.update(best_epoch=state.best_epoch, history=state.history)
-        if trained_norms:
-            record.update(totals(layer_shift(base, snapshot(model, names), trained_norms)))
+        if t.norms:
+            record.update(totals(layer_shift(t.base, snapshot(model, names), t.norms)))
         if plan.phase.rescale_after and cfg.lam is not None:
-            record["lambda"] = apply_lambda(model, cfg, trained_norms, base, names, data, device)["lambda"]
+            record["lambda"] = apply_lambda(model, cfg, t.norms, t.base, names, data, device)["lambda"]
             record["val_after_lambda"] = validate()["accuracy"]
         done_phases.append(record)
         rd.save_torch(ckpt_path, {"tensors": snapshot(model, names), "done_phases": done_phases, "state": None})
+    return done_phases
 
+
+def finish(t: Trainee, cfg: FitConfig, device: torch.device, phases: list[dict[str, Any]], score_tests: bool) -> None:
+    """After training: lambda rescaling (with the FSR estimate for 'fsr'), then the run's outcome and DONE."""
     if cfg.lam is not None and not cfg.lambda_each_cycle:
-        tuned = snapshot(model, names)
+        tuned = snapshot(t.model, t.names)
         if cfg.lam == "fsr":
-            steps = sum(p.steps for p in plans)
-            shift = layer_shift(base, tuned, trained_norms).to_dict()
-            estimate = estimate_fsr(cfg, run.path, len(data.train), shift, steps, log.info)
-            rd.write_json(run / rd.FSR_ESTIMATE, estimate)
-        rd.write_tensors(run / rd.FINETUNED, tuned, meta)
-        choice = apply_lambda(model, cfg, trained_norms, base, names, data, device)
-        rd.write_json(run / rd.LAMBDA, choice)
-        log.info(f"lambda {choice['lambda']:g} ({cfg.lam}) on {cfg.lambda_target}")
-    write_outcome(run, model, names, trained_norms, base, meta, data, cfg, device, log, done_phases)
-    return run
+            steps = sum(p.steps for p in t.plans)
+            shift = layer_shift(t.base, tuned, t.norms).to_dict()
+            estimate = estimate_fsr(cfg, t.run.path, len(t.data.train), shift, steps, t.log.info)
+            rd.write_json(t.run / rd.FSR_ESTIMATE, estimate)
+        rd.write_tensors(t.run / rd.FINETUNED, tuned, t.meta)
+        choice = apply_lambda(t.model, cfg, t.norms, t.base, t.names, t.data, device)
+        rd.write_json(t.run / rd.LAMBDA, choice)
+        t.log.info(f"lambda {choice['lambda']:g} ({cfg.lam}) on {cfg.lambda_target}")
+    data = t.data if score_tests else replace(t.data, tests={})
+    write_outcome(t.run, t.model, t.names, t.norms, t.base, t.meta, data, cfg, device, t.log, phases)
 
 
 def tensor_meta(model: Classifier, cfg: FitConfig, classes: list[str]) -> dict[str, Any]:

@@ -55,6 +55,8 @@ def sub_run(cfg: FitConfig, root: Path, fraction: float, seed: int, steps: int, 
         cfg,
         lam=None,
         lambda_each_cycle=False,
+        search={},  # the parent's chosen values, not its grid
+        select="last",  # exactly the parent's budget: no earlier epoch kept (docs/fsr.md)
         subset=fraction,
         subset_seed=seed,
         steps=steps,

@@ -13,6 +13,22 @@ from .errors import ConfigError
 SINGLE_PHASE = {"lp": "head", "ln": "ln", "full": "full", "bitfit": "bitfit", "lora": "lora"}
 METHODS = (*SINGLE_PHASE, "lp-ln", "cyclic")
 
+# Each method's learning-rate grid for `--lr auto` (chosen on validation, docs/search.md) and the single
+# `--lr` used when none is given: the value chosen most often in the protocol with selection
+# (benchmarks/results/README.md). Tuning a few thousand gains and biases takes far larger steps than
+# tuning every weight, so the grids differ by method.
+_SMALL_SET_GRID = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+LR_GRID = {
+    "lp": _SMALL_SET_GRID,
+    "ln": _SMALL_SET_GRID,
+    "bitfit": _SMALL_SET_GRID,
+    "lp-ln": _SMALL_SET_GRID,
+    "cyclic": _SMALL_SET_GRID,
+    "full": (3e-5, 1e-4, 3e-4, 1e-3, 3e-3),
+    "lora": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
+}
+DEFAULT_LR = {"lp": 3e-2, "ln": 3e-2, "bitfit": 3e-2, "lp-ln": 3e-2, "cyclic": 3e-2, "full": 1e-3, "lora": 3e-3}
+
 
 @dataclass(frozen=True)
 class Phase:
