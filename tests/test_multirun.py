@@ -13,7 +13,7 @@ from lnshift.blockwise import batched_layernorms
 from lnshift.config import FitConfig
 from lnshift.errors import ConfigError, ModelError
 from lnshift.fit import build_model
-from lnshift.multirun import initial_states, run_logits, train_alone, train_runs
+from lnshift.multirun import diverged, initial_states, run_logits, train_alone, train_runs
 from tiny import max_diff
 
 TINY = {"img_size": 32, "patch_size": 8}
@@ -76,6 +76,36 @@ def test_batched_runs_equal_runs_one_by_one(backbone64, method, head):
     for k in batched[0]:  # the test can fail: every tensor moved, and the runs differ
         assert all((b[k] - s[k]).abs().max() > 1e-3 for b, s in zip(batched, starts, strict=True)), k
         assert (batched[0][k] - batched[1][k]).abs().max() > 1e-4, k
+
+
+def test_runs_with_their_own_learning_rates_equal_each_run_alone(backbone64):
+    """A learning-rate grid in one pass: one optimiser and schedule per value, runs of one value interleaved."""
+    cfg = config(method="cyclic", cycles=1)
+    model = build_model(cfg, backbone64, CLASSES).double()
+    starts = [{k: v.double() for k, v in s.items()} for s in initial_states(cfg, backbone64, CLASSES, seeds=[0, 1, 2])]
+
+    def batches(step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(x.double(), y) for x, y in batch(step)]
+
+    lrs = [1e-2, 1e-1, 1e-2]
+    batched = train_runs(model, starts, batches, cfg, CPU, lrs)
+    for r, lr in enumerate(lrs):
+        alone = train_alone(model, starts[r], lambda step, r=r: batches(step)[r], replace(cfg, lr=lr), CPU)
+        assert max_diff(alone, batched[r]) < 1e-10, r
+    same_start = train_runs(model, [starts[0]] * 2, lambda step: batches(step)[:1] * 2, cfg, CPU, [1e-2, 1e-1])
+    assert max_diff(same_start[0], same_start[1]) > 1e-3  # the learning rate made a difference
+
+
+def test_a_diverged_run_harms_no_other(backbone):
+    cfg = config(method="ln")
+    model = build_model(cfg, backbone, CLASSES)
+    starts = initial_states(cfg, backbone, CLASSES, seeds=[0, 1, 2])
+    norm = "backbone.model.blocks.0.norm1.weight"
+    starts[1] = {**starts[1], norm: torch.full_like(starts[1][norm], float("nan"))}
+    batched = train_runs(model, starts, batch, cfg, CPU)
+    assert diverged(batched) == [1]
+    alone = train_alone(model, starts[2], lambda step: batch(step)[2], cfg, CPU)
+    assert max_diff(alone, batched[2]) < 1e-4
 
 
 def test_fp32_runs_match_up_to_rounding(backbone):
@@ -192,6 +222,40 @@ def test_sweep_batched_writes_every_run_directory_and_the_table(tmp_path, device
     assert val["accuracy"] == json.loads((run / rd.METRICS).read_text())["val"]["accuracy"]
     lam = json.loads((sweep.run_dir("mini/ln+auto/f1/s1") / rd.LAMBDA).read_text())
     assert lam["selected_on"] == "val"
+
+
+def test_sweep_searches_learning_rates_in_the_batched_pass(tmp_path, device, monkeypatch):
+    """Every candidate of every cell trains in the batched pass; each cell's run is its chosen candidate."""
+    from lnshift import rundir as rd
+    from lnshift import search
+    from lnshift import sweep as sw
+
+    sweep = batched_sweep(tmp_path, ["lp", "ln", "ln+auto"], device=device)
+    sweep.search.update({"lr": [0.01, 0.1], "lp": {"lr": [0.03]}})
+    monkeypatch.setattr(search, "_fit", lambda *a, **k: pytest.fail("a candidate trained outside the batched pass"))
+    sw.run_sweep(sweep, echo=lambda _: None, batched=True)
+    rows = {r["id"]: r for r in json.loads((sweep.out / "results.json").read_text())["rows"]}
+    assert len(rows) == 3 * 2 * 2
+    for cell, row in rows.items():
+        method = cell.split("/")[1]
+        assert row["lr_grid"] == ("0.03" if method == "lp" else "0.01 0.1") and str(row["lr"]) in [
+            "0.03",
+            "0.01",
+            "0.1",
+        ]
+        unit = sweep.run_dir(cell.replace("ln+auto", "ln"))
+        chosen = json.loads((unit / search.SEARCH_JSON).read_text())
+        assert chosen["chosen"] == {"lr": row["lr"]}
+        picked = load_file(
+            unit
+            / chosen["candidates"][[c["values"] for c in chosen["candidates"]].index(chosen["chosen"])]["run"]
+            / rd.ADAPTER
+        )
+        assert all(torch.equal(t, load_file(unit / rd.ADAPTER)[k]) for k, t in picked.items())
+    assert rows["mini/ln/shots2/s0"]["fsr_oracle"] is not None  # against the chosen run of fraction 1.0
+    assert json.loads((sweep.run_dir("mini/ln+auto/f1/s0") / rd.LAMBDA).read_text())["source_run"] == str(
+        sweep.run_dir("mini/ln/f1/s0")
+    )
 
 
 def test_a_run_trained_with_others_equals_it_trained_alone(tmp_path, device):

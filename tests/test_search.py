@@ -168,3 +168,19 @@ def test_best_candidate(metric, vals, expected):
     assert best(records, metric) == expected
     records[expected]["status"] = "failed"
     assert best(records, metric) != expected
+
+
+def test_fsr_sub_runs_train_and_keep_exactly_the_runs_steps(tmp_path):
+    """With --select best a sub-run could keep an earlier epoch; the estimate assumes every run has the full budget."""
+    out = tmp_path / "r"
+    assert fit(out, "--lr", "0.001,0.03", "--lambda", "fsr", "--fsr-subsets", "0.5,0.75", "--fsr-seeds", "1") == 0
+    chosen = json.loads((out / SEARCH_JSON).read_text())["chosen"]["lr"]
+    subs = sorted((out / "fsr-estimate").iterdir())
+    assert len(subs) == 2
+    for sub in subs:
+        config = rd.RunDir(sub).read_config()["fit"]
+        assert config["select"] == "last" and config["search"] == {} and config["lr"] == chosen
+        [phase] = json.loads((sub / rd.CYCLES).read_text())["phases"]
+        assert phase["steps"] == 6 and phase["history"][-1]["step"] == 6
+        assert phase["best_epoch"] == len(phase["history"]) > 1  # the last of several epochs was kept
+    assert json.loads((out / rd.FSR_ESTIMATE).read_text())["steps_per_run"] == 6

@@ -191,6 +191,9 @@ def test_shards_are_disjoint_cover_all_cells_and_keep_units_whole(tmp_path, monk
         (lambda s: s["datasets"]["mini"].update(fraction=0.5), "datasets.mini.fraction"),
         (lambda s: s["datasets"]["mini"].update(test=["a"]), "datasets.mini.test"),
         (lambda s: s.update(datasets={"bad/name": {"train": "x"}}), "datasets.bad/name"),
+        (lambda s: s.update(search={"seed": [1, 2]}), "search.seed"),
+        (lambda s: s.update(search={"ln": {"seed": [1]}}), "search.ln"),
+        (lambda s: s["base"].update(search={"lr": [0.1]}), "base.search"),
     ],
 )
 def test_bad_sweep_files_name_the_key_and_file(tmp_path, change, key):

@@ -42,20 +42,22 @@ def batched_layernorms(
     """Make each norm in `norms` apply variant k's affine parameters to the k-th block of the batch.
 
     `params` maps `norm.weight` / `norm.bias` to stacks of shape (n_variants, C); a missing entry keeps
-    the module's own parameter for every variant. The stacks are read at every call, so in-place
-    optimiser updates of trainable stacks take effect at the next forward pass.
+    the module's own parameter for every variant. The mapping is read at every call, so optimiser
+    updates of trainable stacks, and entries the caller replaces, take effect at the next forward pass.
     """
     modules = dict(model.named_modules())
     saved = {}
     for name in norms:
         m = modules[name]
         norm = normaliser(m)
-        gamma = params.get(f"{name}.weight", m.weight.detach().expand(n_variants, -1))
-        beta = params.get(f"{name}.bias")
-        if beta is None and getattr(m, "bias", None) is not None:
-            beta = m.bias.detach().expand(n_variants, -1)
+        own_gamma = m.weight.detach().expand(n_variants, -1)
+        own_beta = m.bias.detach().expand(n_variants, -1) if getattr(m, "bias", None) is not None else None
 
-        def forward(x: torch.Tensor, norm=norm, gamma: torch.Tensor = gamma, beta=beta) -> torch.Tensor:
+        def forward(
+            x: torch.Tensor, norm=norm, name: str = name, own_gamma=own_gamma, own_beta=own_beta
+        ) -> torch.Tensor:
+            gamma = params.get(f"{name}.weight", own_gamma)
+            beta = params.get(f"{name}.bias", own_beta)
             y = norm(x)
             y = y.view(n_variants, -1, *y.shape[1:])
             shape = (n_variants,) + (1,) * (y.dim() - 2) + (y.shape[-1],)

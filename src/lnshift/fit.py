@@ -291,6 +291,8 @@ def changed_options(run: rd.RunDir, cfg: FitConfig) -> list[str]:
 
 
 def check_resume(run: rd.RunDir, cfg: FitConfig) -> None:
+    if not (run / rd.CONFIG).exists():  # only a search's candidates so far (a batched sweep trains them first)
+        return
     differ = changed_options(run, cfg)
     if differ:
         raise RunDirError(f"--resume: options differ from the interrupted run in {run.path}: {differ}")
@@ -333,6 +335,8 @@ def start_run(cfg: FitConfig, echo: Callable[[str], None] | None) -> tuple[rd.Ru
     dist.from_main(partial(run.prepare, resume=cfg.resume, overwrite=cfg.overwrite))
     if cfg.resume:
         dist.from_main(partial(check_resume, run, cfg))
+    if dist.is_main():
+        (run / rd.FAILED).unlink(missing_ok=True)  # an earlier attempt diverged; this one is tried afresh
     log = rd.EventLog(run, echo, tensorboard=cfg.tensorboard)
     log.event("start", resume=cfg.resume)
     rd.write_yaml(run / rd.CONFIG, {"fit": cfg.to_dict(), "environment": environment(), "command": sys.argv})

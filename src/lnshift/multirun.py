@@ -45,7 +45,6 @@ from .fit import (
 )
 from .heads import Classifier
 from .loop import (
-    NonFiniteLossError,
     PhasePlan,
     cosine_schedule,
     epoch_seed,
@@ -96,12 +95,16 @@ def initial_states(
 
 
 class StackedHead(nn.Module):
-    """R copies of a head, block r of the batch through copy r: the head's own forward vmapped over (R, ...) stacks."""
+    """R copies of a head, block r of the batch through copy r: the head's own forward vmapped over (R, ...) stacks.
+
+    `stacks` maps the model's names (`head.fc.weight`, ...) to stacks; it is read at every call, so the
+    caller may replace its entries between steps.
+    """
 
     def __init__(self, head: nn.Module, stacks: Mapping[str, Tensor], n_runs: int) -> None:
         super().__init__()
         self.head = head
-        self.stacks = dict(stacks)  # head-relative names; owned by the caller, so not registered here
+        self.stacks = stacks  # owned by the caller, so not registered here
         self.n_runs = n_runs
         self.uses_tokens = getattr(head, "uses_tokens", False)
 
@@ -109,7 +112,8 @@ class StackedHead(nn.Module):
         def one(params: dict[str, Tensor], x: Tensor) -> Tensor:
             return functional_call(self.head, params, (x,))
 
-        return vmap(one, randomness="different")(self.stacks, x.unflatten(0, (self.n_runs, -1))).flatten(0, 1)
+        params = {n.removeprefix(HEAD): t for n, t in self.stacks.items() if n.startswith(HEAD)}
+        return vmap(one, randomness="different")(params, x.unflatten(0, (self.n_runs, -1))).flatten(0, 1)
 
 
 @contextlib.contextmanager
@@ -120,7 +124,7 @@ def stacked_runs(model: Classifier, stacks: Mapping[str, Tensor], n_runs: int) -
     (n_runs, ...) stacks; tensors without a stack are the model's own, shared by every run.
     """
     head = model.head
-    model.head = StackedHead(head, {n.removeprefix(HEAD): t for n, t in stacks.items() if n.startswith(HEAD)}, n_runs)
+    model.head = StackedHead(head, stacks, n_runs)
     try:
         with batched_layernorms(model, norms_of(list(stacks)), stacks, n_runs):
             yield
@@ -137,18 +141,40 @@ def concat(pairs: Sequence[tuple[Tensor, Tensor]], n_runs: int, device: torch.de
 
 
 def train_runs(
-    model: Classifier, starts: Sequence[Mapping[str, Tensor]], batch: Batches, cfg: FitConfig, device: torch.device
+    model: Classifier,
+    starts: Sequence[Mapping[str, Tensor]],
+    batch: Batches,
+    cfg: FitConfig,
+    device: torch.device,
+    lrs: Sequence[float] | None = None,
 ) -> list[dict[str, Tensor]]:
     """Train len(starts) runs of `cfg.method` together for `cfg.steps` steps; returns each run's trained tensors.
 
-    `starts[r]` holds run r's initial values (see `initial_states`), `batch(step)` its batches. The
-    result has fit's adapter names. Optimiser settings come from `cfg` (lr, weight_decay, decay_1d,
-    warmup, label_smoothing, precision); the model's own tensors are frozen and left unchanged.
+    `starts[r]` holds run r's initial values (see `initial_states`), `batch(step)` its batches, `lrs[r]`
+    its peak learning rate (default: all `cfg.lr`; a learning-rate grid trains in one pass). The result
+    has fit's adapter names; a run that diverged has non-finite values (`diverged`) and harms no other
+    run. Other optimiser settings come from `cfg` (weight_decay, decay_1d, warmup, label_smoothing,
+    precision); the model's own tensors are frozen and left unchanged.
     """
     plans = batched_plans(model, cfg)
     names = trained_names(plans)
     n = len(starts)
-    stacks = {k: nn.Parameter(torch.stack([s[k] for s in starts]).to(device)) for k in names}
+    lrs = [cfg.lr] * n if lrs is None else list(lrs)
+    if len(lrs) != n:
+        raise ConfigError(f"train_runs: {len(lrs)} learning rates for {n} runs")
+    # runs of one learning rate share an optimiser and schedule; their stacks are joined for each forward
+    groups = {lr: [r for r in range(n) if lrs[r] == lr] for lr in dict.fromkeys(lrs)}
+    order = [r for members in groups.values() for r in members]
+    own = [
+        {k: nn.Parameter(torch.stack([starts[r][k] for r in members]).to(device)) for k in names}
+        for members in groups.values()
+    ]
+    stacks: dict[str, Tensor] = {}  # read by the patched model at every forward
+
+    def join() -> None:
+        stacks.update({k: own[0][k] if len(own) == 1 else torch.cat([g[k] for g in own]) for k in names})
+
+    join()
     set_trainable(model, [])
     ce = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
 
@@ -161,20 +187,47 @@ def train_runs(
     step = 0
     with stacked_runs(model, stacks, n):
         for plan in plans:
-            for k, p in stacks.items():
-                p.requires_grad_(k in plan.trainable)
-            groups = param_groups(stacks, plan.trainable, cfg.weight_decay, cfg.decay_1d, run_axis=True)
-            optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-            scheduler = cosine_schedule(optimizer, plan.steps, cfg)
+            optimizers, schedulers = [], []
+            for lr, params in zip(groups, own, strict=True):
+                for k, p in params.items():
+                    p.requires_grad_(k in plan.trainable)
+                groups_ = param_groups(params, plan.trainable, cfg.weight_decay, cfg.decay_1d, run_axis=True)
+                optimizers.append(torch.optim.AdamW(groups_, lr=lr))
+                schedulers.append(cosine_schedule(optimizers[-1], plan.steps, replace(cfg, lr=lr)))
+            together = _Optimizers(optimizers)
             for i in range(plan.steps):
-                x, y = concat(batch(step), n, device)
-                train_step(model, x, y, optimizer, loss_fn, device, cfg.precision)
+                pairs = batch(step)
+                join()
+                x, y = concat([pairs[r] for r in order], n, device)
+                train_step(model, x, y, together, loss_fn, device, cfg.precision)
                 step += 1
-                scheduler.step_update(i + 1)
-    broken = [r for r in range(n) if not all(bool(torch.isfinite(t[r]).all()) for t in stacks.values())]
-    if broken:
-        raise NonFiniteLossError(f"batched runs {broken} diverged to non-finite values (lower --lr or check the data)")
-    return [{k: t[r].detach().clone() for k, t in stacks.items()} for r in range(n)]
+                for scheduler in schedulers:
+                    scheduler.step_update(i + 1)
+    tuned: dict[int, dict[str, Tensor]] = {}
+    for members, params in zip(groups.values(), own, strict=True):
+        for j, r in enumerate(members):
+            tuned[r] = {k: t[j].detach().clone() for k, t in params.items()}
+    return [tuned[r] for r in range(n)]
+
+
+class _Optimizers:
+    """Several optimisers stepped as one (train_step's optimizer): one per learning rate of a batched pass."""
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+
+def diverged(states: Sequence[Mapping[str, Tensor]]) -> list[int]:
+    """The runs whose trained tensors are not all finite."""
+    return [r for r, s in enumerate(states) if not all(bool(torch.isfinite(t).all()) for t in s.values())]
 
 
 @torch.inference_mode()
@@ -239,11 +292,13 @@ def train_alone(
 # ---------------------------------------------------------------- runs with their run directories
 
 
-def fit_batched(cfgs: Sequence[FitConfig], device: torch.device) -> list[rd.RunDir]:
+def fit_batched(cfgs: Sequence[FitConfig], device: torch.device, *, score_tests: bool = True) -> list[rd.RunDir]:
     """Train the runs of `cfgs` in one batched pass and write each one's run directory as fit() does.
 
-    The configs may differ only in seed, fraction / shots and out (a sweep's seeds and regimes of one
-    dataset and method); they need `select: last` and the device input pipeline. With `epochs`
+    The configs may differ only in seed, fraction / shots, lr and out (a sweep's seeds, regimes and
+    learning-rate candidates of one dataset and method); they need `select: last` and the device
+    input pipeline. A run that diverges gets no DONE but a FAILED file saying so; the others are
+    unharmed. `score_tests=False` leaves the test sets unscored (a search's candidates). With `epochs`
     instead of `steps`, a run's length is fit's (epochs x the steps of one pass over its training
     split), and the runs of each length are trained together, shortest first. Each run gets the
     batches fit would give it, so it is the run `lnshift fit` makes with its config, up to float
@@ -257,7 +312,8 @@ def fit_batched(cfgs: Sequence[FitConfig], device: torch.device) -> list[rd.RunD
     other_seeds = sorted({cfg.seed for cfg in cfgs} - {first.seed})
     if other_seeds and _depends_on_seed(backbone, replace(first, seed=other_seeds[0])):
         # a randomly initialised backbone differs per seed: only runs of one seed can share it
-        by_seed = [fit_batched([c for c in cfgs if c.seed == seed], device) for seed in sorted({c.seed for c in cfgs})]
+        seeds = sorted({c.seed for c in cfgs})
+        by_seed = [fit_batched([c for c in cfgs if c.seed == s], device, score_tests=score_tests) for s in seeds]
         done = {run.path: run for runs in by_seed for run in runs}
         return [done[rd.RunDir(cfg.out).path] for cfg in cfgs]
     config = backbone.data_config
@@ -308,7 +364,7 @@ BATCHED_HOW = (
     "lnshift.multirun: one forward over all runs' batches; each run gets the batches, phases and optimiser "
     "steps that `lnshift fit --select last` gives it (device input pipeline), up to float rounding"
 )
-BATCHED_ALLOWED = {"seed", "fraction", "shots", "out", "resume", "overwrite"}
+BATCHED_ALLOWED = {"seed", "fraction", "shots", "lr", "out", "resume", "overwrite"}
 BATCHED_METHODS = ("lp", "ln", "lp-ln", "cyclic")
 
 

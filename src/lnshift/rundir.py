@@ -38,6 +38,7 @@ EVENTS = "events.jsonl"
 LOG = "train.log"
 CHECKPOINT = "checkpoint"
 DONE = "DONE"
+FAILED = "FAILED"  # a run that diverged (a search records it as a failed candidate): the error, one line
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:

@@ -7,8 +7,8 @@ OUT/search/<label>/ with its test sets left unscored. The candidate with the bes
 finished exactly as a plain `fit` with those values finishes (lambda, FSR estimate, test sets: the same
 code on the same tensors, so the same numbers). search.json records every candidate's values,
 validation metrics, steps, wall time and status. A candidate that diverges is recorded as failed, not
-fatal; only when every candidate fails does the search stop. A killed search resumes (`--resume`):
-finished candidates are reused, failed ones are not tried again.
+fatal (its folder holds FAILED); only when every candidate fails does the search stop. A killed search
+resumes (`--resume`): finished candidates are reused, failed ones are not tried again.
 """
 
 from __future__ import annotations
@@ -89,11 +89,10 @@ def fit_search(
     run, log = start_run(cfg, echo)
     grid, metric = cfg.search, cfg.select_metric
     combos = candidates(grid)
-    earlier = dist.from_main(lambda: _earlier_failures(run))
     log.info(f"search: {len(combos)} candidates of {grid}, selected on validation {metric}")
     records = []
     for i, values in enumerate(combos, 1):
-        record = _run_candidate(candidate_config(cfg, values), values, device, earlier)
+        record = _run_candidate(candidate_config(cfg, values), values, device)
         records.append(record)
         _write(run, cfg, records, None)
         shown = f"val {metric} {record['val'][metric]:.4f}" if record["status"] == "done" else record["error"]
@@ -135,21 +134,25 @@ def promote(
     finish(trainee, cfg, device, phases, score_tests)
 
 
-def _run_candidate(
-    cfg: FitConfig, values: dict[str, Any], device: torch.device, earlier_failures: dict[str, str]
-) -> dict[str, Any]:
+def _run_candidate(cfg: FitConfig, values: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Train (or reuse, or resume) one candidate; its record for search.json."""
     cand = rd.RunDir(cfg.out)
     record: dict[str, Any] = {"values": values, "label": label(values), "run": f"{SEARCH_DIR}/{label(values)}"}
-    if record["label"] in earlier_failures:
-        return {**record, "status": "failed", "error": earlier_failures[record["label"]], "wall_s": 0.0}
     start = time.time()
-    done, started = dist.from_main(lambda: (cand.done, cand.path.exists() and any(cand.path.iterdir())))
+    done, failed, started = dist.from_main(
+        lambda: (cand.done, (cand / rd.FAILED).is_file(), cand.path.exists() and any(cand.path.iterdir()))
+    )
+    if failed:  # seen to fail before (here or in a batched pass): it would fail again
+        error = dist.from_main(lambda: (cand / rd.FAILED).read_text().strip())
+        return {**record, "status": "failed", "error": error, "wall_s": 0.0}
     if not done:
         try:
             _fit(dataclasses.replace(cfg, resume=started), device, None, score_tests=False)
         except CANDIDATE_FAILURES as e:
-            return {**record, "status": "failed", "error": f"{type(e).__name__}: {e}", "wall_s": time.time() - start}
+            error = f"{type(e).__name__}: {e}"
+            if dist.is_main():
+                rd.write_text(cand / rd.FAILED, error + "\n")
+            return {**record, "status": "failed", "error": error, "wall_s": time.time() - start}
     val, phases, wall = dist.from_main(
         lambda: (cand.read_json(rd.METRICS)["val"], cand.read_json(rd.CYCLES)["phases"], _wall_time(cand))
     )
@@ -160,14 +163,6 @@ def _wall_time(run: rd.RunDir) -> float:
     """Seconds from a run's first start to its end, from events.jsonl (a resumed run includes its pause)."""
     events = [json.loads(line) for line in (run / rd.EVENTS).read_text().splitlines() if line.strip()]
     return events[-1]["time"] - events[0]["time"]
-
-
-def _earlier_failures(run: rd.RunDir) -> dict[str, str]:
-    """Candidates an interrupted search already saw fail (deterministic: trying them again fails again)."""
-    path = run / SEARCH_JSON
-    if not path.exists():
-        return {}
-    return {r["label"]: r["error"] for r in json.loads(path.read_text())["candidates"] if r["status"] == "failed"}
 
 
 def _write(run: rd.RunDir, cfg: FitConfig, records: list[dict[str, Any]], chosen: int | None) -> None:

@@ -28,17 +28,22 @@ from typing import Any
 import torch
 
 from . import rundir as rd
-from .config import FitConfig, environment, load_yaml
+from .config import SEARCHABLE, FitConfig, environment, load_yaml
 from .errors import ConfigError, RunDirError
 from .evaluate import resolve_device
 from .fit import changed_options, fit
 from .phases import METHODS
 from .saved_run import estimate_fsr_of_run, fsr_of_run, rescale_run, run_budget
+from .search import SEARCH_JSON, candidate_config, candidates
 from .workers import WorkerPool, worker_count
 
 TOP_KEYS = ("out", "base", "datasets", "methods", "regimes", "seeds")
+OPTIONAL_KEYS = ("search",)
 # options each cell sets itself; a sweep file may not fix them in `base:` or a dataset
-SWEPT = ("method", "fraction", "shots", "seed", "out", "resume", "overwrite", "lam", "lambda", "subset", "subset_seed")
+SWEPT = (
+    "method", "fraction", "shots", "seed", "out", "resume", "overwrite", "lam", "lambda", "subset", "subset_seed",
+    "search",
+)  # fmt: skip
 RESCALES = ("auto", "fsr")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 IDENTITY = ("id", "dataset", "method", "regime", "fraction", "shots", "seed", "run")
@@ -94,6 +99,12 @@ class Sweep:
     methods: list[str]
     regimes: list[Regime]
     seeds: list[int]
+    search: dict[str, Any] = dataclasses.field(default_factory=dict)  # {option: grid} and {method: {option: grid}}
+
+    def search_for(self, method: str) -> dict[str, Any]:
+        """The grid a method's cells choose on validation: the file's global one, or the method's own."""
+        common = {k: v for k, v in self.search.items() if k in SEARCHABLE}
+        return dict(self.search.get(method, common))
 
     def run_dir(self, run_id: str) -> Path:
         return self.out / "runs" / run_id
@@ -107,6 +118,7 @@ class Sweep:
             shots=cell.regime.shots,
             seed=cell.seed,
             out=str(self.run_dir(cell.unit)),
+            search=self.search_for(cell.base_method),
         )
         return FitConfig.from_dict(options, source=str(self.path))
 
@@ -123,9 +135,9 @@ def load_sweep(path: str | Path) -> Sweep:
     def fail(key: str, message: str) -> ConfigError:
         return ConfigError(f"{path}: {key}: {message}")
 
-    unknown = sorted(set(raw) - set(TOP_KEYS))
+    unknown = sorted(set(raw) - set(TOP_KEYS) - set(OPTIONAL_KEYS))
     if unknown:
-        raise fail(unknown[0], f"unknown key; a sweep file has {list(TOP_KEYS)}")
+        raise fail(unknown[0], f"unknown key; a sweep file has {list(TOP_KEYS)} and optionally {list(OPTIONAL_KEYS)}")
     missing = [k for k in TOP_KEYS if k not in raw]
     if missing:
         raise fail(missing[0], "required key is missing")
@@ -163,7 +175,8 @@ def load_sweep(path: str | Path) -> Sweep:
             raise fail(
                 "methods", f"unknown method {method!r}; choose from {list(METHODS)}, or LN ones with +auto / +fsr"
             )
-    sweep = Sweep(path, text, raw, Path(raw["out"]), base, datasets, methods, regimes, seeds)
+    search = _search(raw.get("search") or {}, fail)
+    sweep = Sweep(path, text, raw, Path(raw["out"]), base, datasets, methods, regimes, seeds, search)
     for name in datasets:  # FitConfig's own checks, once per dataset and method, before anything runs
         for method in methods:
             cell = Cell(name, method, regimes[0], seeds[0])
@@ -179,11 +192,26 @@ def load_sweep(path: str | Path) -> Sweep:
     return sweep
 
 
+def _search(value: Any, fail: Callable[[str, str], ConfigError]) -> dict[str, Any]:
+    """`search:` holds grids {option: [values] or auto} for every method, and {method: {option: grid}} for one."""
+    if not isinstance(value, dict):
+        raise fail("search", f"expected a mapping {{option: [values] or auto}} or {{method: {{...}}}}, got {value!r}")
+    for key, grid in value.items():
+        if key in METHODS:
+            if not isinstance(grid, dict) or not set(grid) <= set(SEARCHABLE):
+                raise fail(f"search.{key}", f"expected {{option: [values] or auto}} ({list(SEARCHABLE)}), got {grid!r}")
+        elif key not in SEARCHABLE:
+            raise fail(f"search.{key}", f"neither a searchable option {list(SEARCHABLE)} nor a method {list(METHODS)}")
+    return dict(value)
+
+
 def _options(opts: Any, key: str, fail: Callable[[str, str], ConfigError]) -> dict[str, Any]:
     if not isinstance(opts, dict):
         raise fail(key, f"expected a mapping of fit options, got {opts!r}")
     known = {f.name for f in dataclasses.fields(FitConfig)}
     for name in opts:
+        if name == "search":
+            raise fail(f"{key}.search", "grids go in the sweep's top-level `search:` (for every method or per method)")
         if name in SWEPT:
             raise fail(f"{key}.{name}", "is set per cell by the sweep (methods, regimes, seeds, out)")
         if name == "devices":
@@ -257,11 +285,13 @@ class Job:
     label: str
     unit: str
     members: list[Cell]
+    candidates: int = 1  # runs of its search (1: no search)
 
     @property
     def weight(self) -> int:
-        """Rough cost in trainings: its run, plus the nested-subset runs of an FSR estimate."""
-        return 1 + 3 * any(c.rescale == "fsr" for c in self.members)
+        """Rough cost in trainings: its run (or its search's candidates), plus the nested-subset runs of an FSR
+        estimate."""
+        return self.candidates + 3 * any(c.rescale == "fsr" for c in self.members)
 
 
 def run_sweep(
@@ -317,7 +347,10 @@ def _run_sweep(
     units: dict[str, list[Cell]] = {}
     for cell in todo:
         units.setdefault(cell.unit, []).append(cell)
-    jobs = [Job(f"[{k}/{len(units)}]", unit, members) for k, (unit, members) in enumerate(units.items(), 1)]
+    jobs = [
+        Job(f"[{k}/{len(units)}]", unit, members, len(candidates(sweep.fit_config(members[0]).search)))
+        for k, (unit, members) in enumerate(units.items(), 1)
+    ]
     failed_batches: dict[str, str] = {}
     if batched:
         failed_batches = _train_batched(sweep, jobs, echo)
@@ -358,18 +391,20 @@ def _train_batched(sweep: Sweep, jobs: list[Job], echo: Callable[[str], None]) -
     """Train the unfinished runs of batchable units, one batched pass per (dataset, method); returns failures."""
     from .multirun import BATCHED_METHODS, fit_batched
 
-    groups: dict[tuple[str, str], dict[str, FitConfig]] = {}
+    groups: dict[tuple[str, str], dict[str, list[FitConfig]]] = {}
     for job in jobs:
         first = job.members[0]
         if first.base_method in BATCHED_METHODS and not rd.RunDir(sweep.run_dir(job.unit)).done:
-            groups.setdefault((first.dataset, first.base_method), {})[job.unit] = sweep.fit_config(first)
+            groups.setdefault((first.dataset, first.base_method), {})[job.unit] = _to_train(sweep.fit_config(first))
     failed = {}
     for (dataset, method), members in groups.items():
         start = time.time()
-        echo(f"[batched] {dataset}/{method}: {len(members)} runs, one pass per run length")
-        cfgs = list(members.values())
+        cfgs = [cfg for unit_cfgs in members.values() for cfg in unit_cfgs]
+        echo(f"[batched] {dataset}/{method}: {len(cfgs)} runs of {len(members)} cells, one pass per run length")
+        if not cfgs:
+            continue
         try:
-            fit_batched(cfgs, resolve_device(cfgs[0].device))
+            fit_batched(cfgs, resolve_device(cfgs[0].device), score_tests=not sweep.search_for(method))
         except ConfigError:
             raise  # the sweep file asks for what batched runs cannot do: say so before anything else runs
         except Exception as e:
@@ -378,6 +413,19 @@ def _train_batched(sweep: Sweep, jobs: list[Job], echo: Callable[[str], None]) -
             continue
         echo(f"[batched] {dataset}/{method}: {time.time() - start:.1f} s")
     return failed
+
+
+def _to_train(cfg: FitConfig) -> list[FitConfig]:
+    """What a batched pass trains for a unit: its run, or the unfinished candidates of its search (the unit's
+    own `fit` then finds them done and finishes the chosen one)."""
+    if not cfg.search:
+        return [cfg]
+    todo = []
+    for values in candidates(cfg.search):
+        cand = candidate_config(cfg, values)
+        if not rd.RunDir(cand.out).done and not (Path(cand.out) / rd.FAILED).exists():
+            todo.append(cand)
+    return todo
 
 
 def heaviest_first(jobs: list[Job]) -> list[Job]:
@@ -509,6 +557,7 @@ def _row(cell: Cell, run: rd.RunDir, trained: rd.RunDir, oracle: tuple[float, fl
         "fsr_oracle_beta": oracle[1] if oracle else None,
         "fsr_est": estimate.get("fsr_est"),
         "fsr_est_std": estimate.get("fsr_std"),
+        **_chosen(trained),
     }
     metrics = run.read_json(rd.METRICS)
     splits = {"val": metrics["val"], **{f"test.{k}": v for k, v in metrics.get("test", {}).items()}}
@@ -516,6 +565,21 @@ def _row(cell: Cell, run: rd.RunDir, trained: rd.RunDir, oracle: tuple[float, fl
         for name, value in values.items():
             if name != "n" and _is_number(value):
                 row[f"{split}.{name}"] = value
+    return row
+
+
+def _chosen(trained: rd.RunDir) -> dict[str, Any]:
+    """The learning rate a run trained with and, after a search, each searched option's grid and whether the
+    chosen value sits at its edge."""
+    fit = trained.read_config()["fit"]
+    row: dict[str, Any] = {"lr": fit["lr"]}
+    if (trained / SEARCH_JSON).exists():
+        result = trained.read_json(SEARCH_JSON)
+        for option, grid in result["grid"].items():
+            row[option] = result["chosen"][option]
+            row[f"{option}_grid"] = " ".join(f"{v:g}" for v in grid)
+            row[f"{option}_at_edge"] = option in result["at_edge"]
+            row[f"{option}_failed"] = sum(c["status"] == "failed" for c in result["candidates"])
     return row
 
 
