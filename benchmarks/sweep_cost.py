@@ -1,4 +1,5 @@
-"""What a sweep costs: 4 fractions x 3 seeds of `cyclic` (K=2) with the lambda grid, one by one vs batched.
+"""What a sweep costs: 4 fractions x 3 seeds of `cyclic` (K=2) with the lambda grid, one by one vs batched;
+and (`--study lr-grid`, issue 21) a learning-rate grid x 3 seeds of `ln` in one batched pass vs one run.
 
 (a) one by one: each run trained alone (loop.run_phase per phase), then its lambda grid scored one
     lambda at a time;
@@ -18,6 +19,16 @@ Every run has the same per-run batch (--batch-size); --fractions gives the 4 dat
     python benchmarks/sweep_cost.py --model vit_base_patch16_224 --length epochs --epochs 2 --fractions 0.02,0.05,0.1,1
     python benchmarks/sweep_cost.py --smoke    # tiny model on the CPU, seconds (CI)
 
+`--study lr-grid`: `ln` at each of --lrs (5 values) x 3 seeds, every run on all training images for
+--steps steps, trained in one multirun.train_runs call (a learning rate per run), against one such run
+alone (multirun.train_alone, loop.run_phase) in the same process. Prints both times, their ratio
+(target for the bundled model: <= 2), images/s and TFLOP/s of both (torch's FLOP counter on one
+training step of the whole model, per image) and their share of --peak-tflops (target on ViT-B/16
+for the batched grid: >= 45 %).
+
+    python benchmarks/sweep_cost.py --study lr-grid --steps 300 --batch-size 64 --device cuda
+    python benchmarks/sweep_cost.py --study lr-grid --model vit_base_patch16_224 --steps 30 --batch-size 32
+
 Data: --data DIR (ImageFolder classes) or a synthetic set of smooth random images tinted by a class
 colour. Images live on the device as uint8; batches are drawn, flipped and normalised there.
 """
@@ -35,7 +46,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from lnshift.backbones import load_backbone
 from lnshift.config import FitConfig, environment
@@ -43,7 +55,7 @@ from lnshift.data import open_source
 from lnshift.evaluate import autocast, resolve_device
 from lnshift.fit import build_model
 from lnshift.lambdas import DEFAULT_GRID, choose
-from lnshift.loop import restore
+from lnshift.loop import restore, set_trainable
 from lnshift.multirun import initial_states, norms_of, run_logits, runs_by_length, train_alone, train_runs
 from lnshift.phases import phases_for
 from lnshift.rundir import write_json
@@ -138,6 +150,79 @@ def run_steps(length: str, steps: int, epochs: float, images: int, batch_size: i
     return steps if length == "steps" else max(1, math.ceil(epochs * images / batch_size))
 
 
+def step_flops(model: nn.Module, names: list[str], x: Tensor, device: torch.device, precision: str) -> int:
+    """FLOPs of one training step of one run (forward and backward of the whole model) on the batch `x`."""
+    set_trainable(model, names)
+    with FlopCounterMode(display=False) as counter:
+        with autocast(device, precision):
+            logits = model(x)
+        nn.functional.cross_entropy(logits.float(), torch.zeros(len(x), dtype=torch.long, device=device)).backward()
+    set_trainable(model, [])
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def lr_grid(args: argparse.Namespace, backbone: nn.Module, images: Images, n_train: int, device: torch.device) -> None:
+    """--study lr-grid: --lrs x SEEDS runs of `ln` in one batched pass against one run alone."""
+    classes = int(images.y.max()) + 1
+    kwargs = TINY if args.model == "lnshift/test-vit" else {}
+    cfg = FitConfig(
+        model=args.model, model_kwargs=kwargs, steps=args.steps, batch_size=args.batch_size, method="ln",
+        precision=args.precision,
+    )  # fmt: skip
+    model = build_model(cfg, backbone, classes).to(device)
+    runs = [(lr, seed) for lr in args.lrs for seed in SEEDS]
+    by_seed = [{k: v.to(device) for k, v in s.items()} for s in initial_states(cfg, backbone, classes, SEEDS)]
+    starts = [by_seed[SEEDS.index(seed)] for _, seed in runs]
+    # as fit: a run's data order depends on its seed only, so the learning rates of a seed see the same batches
+    batches = [stream(images, torch.arange(n_train), SEEDS.index(seed), args.batch_size) for _, seed in runs]
+    lrs = [lr for lr, _ in runs]
+
+    def grid(steps: int) -> list[dict]:
+        return train_runs(
+            model, starts, lambda step: [b(step) for b in batches], replace(cfg, steps=steps), device, lrs
+        )
+
+    def one(steps: int) -> dict:
+        return train_alone(model, starts[0], batches[0], replace(cfg, steps=steps, lr=lrs[0]), device)
+
+    grid(8), one(8)  # kernels and allocator caches, with the timed runs' batch shapes
+    tuned, t_grid = timed(lambda: grid(args.steps), device)
+    alone, t_one = timed(lambda: one(args.steps), device)
+    x, _ = batches[0](0)
+    flops = step_flops(model, list(starts[0]), x, device, args.precision) / len(x)  # per image
+    images_grid, images_one = len(runs) * args.steps * args.batch_size, args.steps * args.batch_size
+    rate = {"grid": images_grid / t_grid, "one": images_one / t_one}
+    tflops = {k: v * flops / 1e12 for k, v in rate.items()}
+    diff = max(float((tuned[0][k] - alone[k]).abs().max()) for k in alone)
+    print(
+        f"lr grid: {len(args.lrs)} learning rates ({', '.join(f'{v:g}' for v in args.lrs)}) x seeds "
+        f"{', '.join(map(str, SEEDS))} of ln | {args.model} | {args.steps} steps x batch {args.batch_size} per run | "
+        f"{device} {args.precision} | {flops / 1e9:.2f} GFLOP per image and step"
+    )
+    print(f"{'':30}{'s':>8}{'img/s':>10}{'TFLOP/s':>9}{'of peak':>9}")
+    for key, label, seconds in (("grid", f"(g) {len(runs)} runs batched", t_grid), ("one", "(1) one run", t_one)):
+        share = tflops[key] / args.peak_tflops
+        print(f"{label:30}{seconds:8.2f}{rate[key]:10.0f}{tflops[key]:9.1f}{share:9.1%}")
+    print(f"(g) / (1) = {t_grid / t_one:.2f} (target <= 2 for the bundled model)")
+    print(f"max |batched - alone| of run 0's tensors: {diff:.2e}")
+    if args.out:
+        record = {
+            "study": "lr-grid",
+            "args": vars(args),
+            "environment": environment(),
+            "runs": len(runs),
+            "seconds": {"grid": t_grid, "one": t_one},
+            "ratio": t_grid / t_one,
+            "images_per_s": rate,
+            "gflop_per_image": flops / 1e9,
+            "tflops": tflops,
+            "of_peak": {k: v / args.peak_tflops for k, v in tflops.items()},
+            "max_abs_diff_run0": diff,
+        }
+        write_json(Path(args.out), record)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="lnshift/vit-tiny-cifar10", help="timm name (random init) or lnshift name")
@@ -155,6 +240,9 @@ def main() -> None:
     ap.add_argument("--eval-batch-size", type=int, default=256)
     ap.add_argument("--out", help="write the figures to this JSON file")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, a few steps (CI)")
+    ap.add_argument("--study", choices=["lambda-sweep", "lr-grid"], default="lambda-sweep", help="what to time")
+    ap.add_argument("--lrs", type=fractions, default="0.003,0.01,0.03,0.1,0.3", help="--study lr-grid: the grid")
+    ap.add_argument("--peak-tflops", type=float, default=790.0, help="the FLOP ceiling (H200 dense bf16)")
     args = ap.parse_args()
     if args.smoke:
         vars(args).update(SMOKE, precision="fp32")
@@ -167,6 +255,8 @@ def main() -> None:
     images = Images(x, y, stats["mean"], stats["std"])
     classes = int(y.max()) + 1
     n_train = len(y) - args.val
+    if args.study == "lr-grid":
+        return lr_grid(args, backbone, images, n_train, device)
     val = chunks(images, n_train, args.val, args.eval_batch_size)
     val_grid = chunks(images, n_train, args.val, max(1, args.eval_batch_size // len(DEFAULT_GRID)))
 

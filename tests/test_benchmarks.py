@@ -37,6 +37,14 @@ def test_sweep_cost_in_epochs_gives_each_fraction_its_own_length(tmp_path):
     assert "0.5 epochs of its own images" in stdout and record["max_abs_diff_layernorm_run0"] < 1e-4
 
 
+def test_sweep_cost_times_a_learning_rate_grid_against_one_run(tmp_path):
+    stdout = smoke("sweep_cost.py", tmp_path / "grid.json", "--study", "lr-grid", "--lrs", "0.01,0.1")
+    record = json.loads((tmp_path / "grid.json").read_text())
+    assert record["runs"] == 6 and record["seconds"]["grid"] > 0 and record["gflop_per_image"] > 0
+    assert record["max_abs_diff_run0"] < 1e-4  # run 0 of the grid is the run trained alone
+    assert "(g) / (1)" in stdout
+
+
 def test_throughput_measures_the_reference_and_lnshift_side_by_side(tmp_path):
     stdout = smoke("throughput.py", tmp_path / "speed.json")
     assert "reference" in stdout and "plain" in stdout
