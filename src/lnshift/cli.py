@@ -249,8 +249,9 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batched",
         action="store_true",
-        help="train the seeds and regimes of each lp/ln/lp-ln/cyclic dataset-method pair in batched passes, "
-        "one per run length (needs select: last; see docs/multirun.md)",
+        help="train the seeds, regimes and learning-rate candidates of each lp/ln/lp-ln/cyclic dataset-method pair "
+        "in batched passes, one per run length, in this process on its device; the rest then runs on the workers "
+        "(needs select: last; see docs/multirun.md)",
     )
 
 
@@ -259,7 +260,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .workers import WorkerPool, worker_count  # no torch
 
     pool = None
-    if not args.collect and not args.batched and worker_count(args.devices, args.per_device) > 1:
+    if not args.collect and worker_count(args.devices, args.per_device) > 1:
         pool = WorkerPool(args.devices, args.per_device)  # the workers import torch now, alongside this process
     try:
         from .sweep import collect, load_sweep, parse_shard, run_sweep

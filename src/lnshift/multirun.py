@@ -18,6 +18,7 @@ lambda rescaling between cycles.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 
@@ -32,6 +33,7 @@ from .data.device import DeviceBatches, DeviceImages
 from .errors import ConfigError
 from .evaluate import autocast
 from .fit import (
+    Data,
     build_model,
     epoch_samples,
     load_configured_backbone,
@@ -317,7 +319,7 @@ def fit_batched(cfgs: Sequence[FitConfig], device: torch.device, *, score_tests:
         done = {run.path: run for runs in by_seed for run in runs}
         return [done[rd.RunDir(cfg.out).path] for cfg in cfgs]
     config = backbone.data_config
-    datas = [prepare_data(cfg, config) for cfg in cfgs]
+    datas = _shared_data(cfgs, config, score_tests)
     classes = datas[0].classes
     for cfg, data in zip(cfgs, datas, strict=True):
         if data.classes != classes:
@@ -326,7 +328,11 @@ def fit_batched(cfgs: Sequence[FitConfig], device: torch.device, *, score_tests:
             raise ConfigError(f"{cfg.out}: the training split is empty")
     starts = initial_states(first, backbone, len(classes), [cfg.seed for cfg in cfgs])
     model = build_model(first, backbone, len(classes)).to(device)
-    datas = [load_images(d, cfg, device, config, "device") for d, cfg in zip(datas, cfgs, strict=True)]
+    loaded: dict[int, Data] = {}  # runs that share their data (a learning-rate grid) share its images
+    for d, cfg in zip(datas, cfgs, strict=True):
+        if id(d) not in loaded:
+            loaded[id(d)] = load_images(d, cfg, device, config, "device")
+    datas = [loaded[id(d)] for d in datas]
     lengths = [run_length(cfg, data.train) for cfg, data in zip(cfgs, datas, strict=True)]
     passes = runs_by_length(lengths)
     budgets = {n: replace(first, steps=n) for n in passes}  # fit's budgets as step counts
@@ -366,6 +372,20 @@ BATCHED_HOW = (
 )
 BATCHED_ALLOWED = {"seed", "fraction", "shots", "lr", "out", "resume", "overwrite"}
 BATCHED_METHODS = ("lp", "ln", "lp-ln", "cyclic")
+
+
+def _shared_data(cfgs: Sequence[FitConfig], data_config: dict, score_tests: bool) -> list[Data]:
+    """Each run's data, prepared once per distinct data (runs differing only in lr or out share it); without
+    `score_tests` the test sets are neither decoded nor kept (they are scored for a search's chosen run only)."""
+    by_key: dict[str, Data] = {}
+    datas = []
+    for cfg in cfgs:
+        key = json.dumps({k: v for k, v in cfg.to_dict().items() if k not in ("lr", "out")}, sort_keys=True)
+        if key not in by_key:
+            data = prepare_data(cfg, data_config)
+            by_key[key] = data if score_tests else replace(data, tests={})
+        datas.append(by_key[key])
+    return datas
 
 
 def _depends_on_seed(backbone: nn.Module, other: FitConfig) -> bool:

@@ -311,14 +311,14 @@ def run_sweep(
     worker (`devices` GPUs x `per_device` processes each) the workers take units from a shared queue:
     a small model leaves a GPU mostly idle, so several of its cells can share one. `datasets` limits the
     run to those datasets' cells (the results tables still cover, and list as missing, every cell).
-    `batched` first trains the unfinished runs of lp / ln / lp-ln / cyclic units together, one batched
-    pass per dataset and method (lnshift.multirun.fit_batched); the rest runs as usual. `pool`: the
+    `batched` first trains the unfinished runs (or search candidates) of lp / ln / lp-ln / cyclic units
+    together, one batched pass per dataset and method (lnshift.multirun.fit_batched), in this process on
+    its device; the rest (other methods, finishing searches, rescaled variants) then runs as usual, on the
+    workers if there are any. `pool`: the
     workers, already started (the CLI starts them before it imports torch); this function closes it.
     """
     try:
         workers = worker_count(devices, per_device)
-        if batched and workers > 1:
-            raise ConfigError("--batched trains in this process on one device; it takes no --devices or --per-device")
         if pool is None and workers > 1:
             pool = WorkerPool(devices, per_device)
         return _run_sweep(sweep, shard, echo, datasets, batched, pool)
