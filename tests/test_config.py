@@ -37,6 +37,7 @@ def test_every_field_is_an_option():
         ({"fraction": 0.5, "shots": 2}, "--fraction and --shots"),
         ({"fraction": 1.5}, "--fraction"),
         ({"val_fraction": 0}, "--val-fraction"),
+        ({"val_size": "small"}, "--val-size must be holdout or match, got 'small'"),
         ({"epochs": 0}, "--epochs"),
         ({"resume": True, "overwrite": True}, "--resume"),
         ({"lam": "big"}, "--lambda"),

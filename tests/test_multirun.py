@@ -285,21 +285,30 @@ def test_batched_runs_refuse_what_fit_would_do_otherwise(tmp_path, change, messa
         fit_batched(cfgs, CPU)
 
 
-@pytest.mark.parametrize("method", ["ln", "cyclic"])
-def test_a_batched_run_is_the_run_fit_makes(tmp_path, method, device):
-    """Same batches, phases and optimiser steps as `lnshift fit --select last`: the same tensors and metrics."""
+@pytest.mark.parametrize(("method", "options"), [("ln", {}), ("cyclic", {}), ("ln", {"val_size": "match"})])
+def test_a_batched_run_is_the_run_fit_makes(tmp_path, method, options, device):
+    """Same splits, batches, phases and optimiser steps as `lnshift fit --select last`: the same tensors and metrics."""
+    from lnshift import rundir as rd
     from lnshift import sweep as sw
     from lnshift.fit import fit
     from lnshift.multirun import fit_batched
 
     sweep = batched_sweep(tmp_path, [method], device=device)
-    cfgs = [sweep.fit_config(c) for c in sw.cells(sweep) if c.seed == 0]  # both regimes: batched together
-    batched = fit_batched(cfgs, torch.device(device))[1]
-    alone = fit(replace(cfgs[1], out=str(tmp_path / "fit")), echo=None)
+    cfgs = [replace(sweep.fit_config(c), **options) for c in sw.cells(sweep) if c.seed == 0]  # both regimes
+    together = fit_batched(cfgs, torch.device(device))
+    batched, alone = together[0], fit(replace(cfgs[0], out=str(tmp_path / "fit")), echo=None)
     a, b = (load_file(r.path / "adapter.safetensors") for r in (batched, alone))
     assert max_diff(a, b) < 1e-4 < max_diff(a, load_file(alone.path / "base.safetensors"))
     ma, mb = (json.loads((r.path / "metrics.json").read_text()) for r in (batched, alone))
     assert ma["test"]["sketch"]["accuracy"] == mb["test"]["sketch"]["accuracy"]
+    assert ma["val"]["accuracy"] == mb["val"]["accuracy"]
+    sa, sb = (json.loads((r.path / rd.SPLITS).read_text()) for r in (batched, alone))
+    assert sa == sb
+    val_size = options.get("val_size", "holdout")
+    assert yaml.safe_load((batched.path / rd.CONFIG).read_text())["fit"]["val_size"] == val_size
+    # each run validates on its own data: 2 shots on 2 images per class under match, the full hold-out otherwise
+    sizes = [json.loads((r.path / rd.SPLITS).read_text())["validation"]["size"] for r in together]
+    assert (sizes[0] < sizes[1]) == (val_size == "match")
 
 
 def test_runs_with_an_epoch_budget_are_batched_by_length_and_equal_fit(tmp_path, device):

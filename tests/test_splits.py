@@ -13,16 +13,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from lnshift.config import VAL_SIZES, FitConfig
 from lnshift.data import (
     Split,
     check_disjoint,
     find_duplicate_content,
     holdout,
+    matched,
     open_source,
     splits_to_dict,
     subsample,
 )
 from lnshift.errors import ConfigError, DataError
+from lnshift.fit import Data, prepare_data
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -186,6 +189,114 @@ def test_holdout_properties(data: tuple, fraction: float, seed: int) -> None:
         sides = {units[u][0] in held_set for u in units if majority[u] == c}
         n_units = sum(1 for u in units if majority[u] == c)
         assert sides == ({True, False} if n_units >= 2 else {False}), (c, named)
+
+
+def test_matched_takes_the_counts_at_least_one_at_most_all() -> None:
+    labels = labels_of({"a": 10, "b": 3, "c": 2})
+    picked = matched(labels, None, counts={"a": 4, "b": 5}, seed=0)
+    assert per_class(labels, picked) == {"a": 4, "b": 3, "c": 1}
+    assert picked.dtype == np.int64 and list(picked) == sorted(set(picked))
+
+
+def test_matched_takes_whole_groups_near_the_target() -> None:
+    labels = ["a"] * 12 + ["b"] * 6
+    groups = [f"a{i // 3}" for i in range(12)] + ["b-big"] * 5 + ["b-one"]  # a: four groups of 3
+    picked = matched(labels, groups, counts={"a": 5, "b": 1}, seed=1)
+    taken = Counter(groups[i] for i in picked)
+    assert all(n == groups.count(g) for g, n in taken.items())  # whole groups
+    assert per_class(labels, picked)["a"] in (3, 6)  # one or two groups of 3 for a target of 5
+    assert set(taken) & {"b-big", "b-one"} == {"b-one"}  # the group that meets the target of 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=labelled_data(), target=st.integers(0, 6), seed=st.integers(0, 2**32 - 1))
+def test_matched_properties(data: tuple, target: int, seed: int) -> None:
+    labels, groups = data
+    counts = dict.fromkeys(set(labels), target)
+    picked = matched(labels, groups, counts=counts, seed=seed)
+    assert np.array_equal(picked, matched(labels, groups, counts=counts, seed=seed))
+    if groups is None:
+        assert per_class(labels, picked) == {c: min(max(target, 1), n) for c, n in Counter(labels).items()}
+        return
+    taken = set(picked.tolist())
+    units: dict[object, list[int]] = {}
+    for i, g in enumerate(groups):
+        units.setdefault(("image", i) if g is None else g, []).append(i)
+    assert all(len({i in taken for i in idx}) == 1 for idx in units.values())  # groups stay whole
+    majority = {
+        u: min(Counter(labels[i] for i in idx).items(), key=lambda kv: (-kv[1], kv[0]))[0] for u, idx in units.items()
+    }
+    assert {majority[u] for u, idx in units.items() if idx[0] in taken} == set(majority.values())  # every class
+
+
+def image_folder(root: Path, sizes: dict[str, int], group_size: int | None = None) -> str:
+    """PNG images per class under root; with group_size, a CSV path,label,group (that many images a group)."""
+    rows = ["path,label,group"]
+    for c, n in sizes.items():
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (4, 4), (i, len(rows), 0)).save(root / c / f"{i}.png")
+            rows.append(f"{c}/{i}.png,{c},{c}{i // group_size if group_size else i}")
+    if group_size is None:
+        return str(root)
+    (root / "list.csv").write_text("\n".join(rows) + "\n")
+    return str(root / "list.csv")
+
+
+DATA_CONFIG = {"input_size": (3, 8, 8), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear"}
+
+
+def splits_of(train: str, **options) -> Data:
+    cfg = FitConfig(train=train, test={}, **options)
+    return prepare_data(cfg, {**DATA_CONFIG, "crop_pct": 1.0})
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+@pytest.mark.parametrize("regime", [{"shots": 3}, {"fraction": 0.1}])
+def test_val_size_match_validates_on_as_much_as_training(tmp_path: Path, regime: dict, groups: int | None) -> None:
+    train = image_folder(tmp_path / "data", {"a": 60, "b": 40, "c": 30}, groups)
+    holdout_data = splits_of(train, **regime, seed=4)
+    data = splits_of(train, **regime, seed=4, val_size="match")
+    record, splits = data.splits, data.splits["splits"]
+    assert splits["train"] == holdout_data.splits["splits"]["train"]  # the rule changes only validation
+    val, held = set(splits["val"]["indices"]), set(holdout_data.splits["splits"]["val"]["indices"])
+    assert val < held and not val & set(splits["train"]["indices"])  # drawn from the hold-out: never trained on
+    target = splits["train"]["counts"]
+    assert record["validation"] == {
+        "rule": "match",
+        "meaning": VAL_SIZES["match"],
+        "drawn_from": "a --val-fraction 0.2 hold-out of --train",
+        "available": len(held),
+        "matched_to": "--shots 3" if "shots" in regime else "--fraction 0.1",
+        "target": target,
+        "size": len(val),
+    }
+    assert record["options"]["val_size"] == "match"
+    if groups is None:
+        assert splits["val"]["counts"] == target
+    else:  # whole groups of 2: each class within one image of its target
+        assert all(abs(splits["val"]["counts"][c] - n) <= 1 for c, n in target.items())
+        assert not set(splits["val"]["groups"]) & set(splits["train"]["groups"])
+    again = splits_of(train, **regime, seed=4, val_size="match").splits["splits"]["val"]
+    assert again == splits["val"] != splits_of(train, **regime, seed=5, val_size="match").splits["splits"]["val"]
+
+
+def test_val_size_holdout_and_match_without_a_subset_keep_the_whole_hold_out(tmp_path: Path) -> None:
+    train = image_folder(tmp_path / "data", {"a": 10, "b": 10})
+    whole, match = splits_of(train), splits_of(train, val_size="match")
+    assert whole.splits["validation"]["rule"] == "holdout" and "target" not in whole.splits["validation"]
+    assert match.splits["splits"]["val"] == whole.splits["splits"]["val"]
+    assert match.splits["validation"]["size"] == whole.splits["validation"]["size"] == 4
+    assert "no --fraction or --shots" in match.splits["validation"]["not_applied"]
+
+
+def test_val_size_match_cuts_a_given_val_source_too(tmp_path: Path) -> None:
+    train = image_folder(tmp_path / "train", {"a": 10, "b": 10})
+    val = image_folder(tmp_path / "val", {"a": 8, "b": 8})
+    data = splits_of(train, val=val, shots=2, val_size="match")
+    assert data.splits["splits"]["val"]["counts"] == {"a": 2, "b": 2}
+    assert data.splits["validation"]["drawn_from"] == f"--val {val}"
+    assert len(splits_of(train, val=val, shots=2).splits["splits"]["val"]["indices"]) == 16
 
 
 def test_splits_to_dict_is_json_ready_and_counts_classes(tmp_path: Path) -> None:

@@ -25,6 +25,12 @@ DEFAULT_MODEL = "lnshift/vit-tiny-cifar10"
 # workers. Processes that share a GPU (`lnshift sweep --per-device K`) get a K-th of it through the variable.
 DEVICE_DATA_SHARE = 0.5
 DEVICE_DATA_SHARE_ENV = "LNSHIFT_DEVICE_DATA_SHARE"
+# --val-size: how many images validate; protocols use match, so selection sees what a scarce-data user would hold out
+VAL_SIZES = {
+    "holdout": "all of the validation data: --val, or the --val-fraction hold-out of --train",
+    "match": "as many images per class as the --fraction / --shots training subset (at least one), drawn from "
+    "that validation data, whole groups; without --fraction / --shots the same as holdout",
+}
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -51,6 +57,7 @@ class FitConfig:
     fraction: float | None = _opt(None, "use this stratified fraction of the training data (0 < F <= 1)")
     shots: int | None = _opt(None, "use exactly K training images per class")
     val_fraction: float = _opt(0.2, "hold-out fraction of --train used for validation when --val is absent")
+    val_size: str = _opt("holdout", "validation images: " + "; ".join(f"{k} ({v})" for k, v in VAL_SIZES.items()))
     test_fraction: float | None = _opt(None, "hold out this fraction of --train as the test set 'holdout'")
     augment: str = _opt("default", "training augmentation: default (timm), strong (RandAugment + erasing), none")
     skip_bad_images: bool = _opt(False, "skip undecodable images (listed in the log) instead of stopping")
@@ -145,6 +152,8 @@ class FitConfig:
             raise ConfigError(f"--shots must be >= 1, got {self.shots}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.val_size not in VAL_SIZES:
+            raise ConfigError(f"--val-size must be {' or '.join(VAL_SIZES)}, got {self.val_size!r}")
         if self.input_pipeline not in ("auto", "device", "workers"):
             raise ConfigError(f"--input-pipeline must be auto, device or workers, got {self.input_pipeline!r}")
         if self.input_pipeline == "device" and self.augment == "strong":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from . import distributed as dist
 from . import rundir as rd
 from .backbones import load_backbone
-from .config import DEVICE_DATA_SHARE, DEVICE_DATA_SHARE_ENV, FitConfig, environment, saved_options
+from .config import DEVICE_DATA_SHARE, DEVICE_DATA_SHARE_ENV, VAL_SIZES, FitConfig, environment, saved_options
 from .data import (
     ImageDataset,
     ImageSource,
@@ -30,6 +31,7 @@ from .data import (
     find_duplicate_content,
     holdout,
     make_transform,
+    matched,
     open_source,
     splits_to_dict,
     subsample,
@@ -109,13 +111,15 @@ def prepare_data(cfg: FitConfig, data_config: dict) -> Data:
         val_src = open_spec(cfg.val, cfg)
         check_classes(classes, val_src, "val")
         sources[cfg.val] = val_src
-        splits.append(Split("val", cfg.val, list(range(len(val_src)))))
+        val = Split("val", cfg.val, list(range(len(val_src))))
     else:
         pool, val_idx = take(pool, cfg.val_fraction, 1)
-        splits.append(Split("val", cfg.train, val_idx.tolist()))
+        val = Split("val", cfg.train, val_idx.tolist())
+    splits.append(val)
     if cfg.fraction is not None or cfg.shots is not None:
         chosen = subsample([labels[i] for i in pool], fraction=cfg.fraction, shots=cfg.shots, seed=cfg.seed)
         pool = pool[chosen]
+    validation = size_validation(cfg, val, sources[val.source], Counter(labels[i] for i in pool))
     if cfg.subset is not None:  # nested subsets of the training split, for the FSR estimator
         pool = pool[subsample([labels[i] for i in pool], fraction=cfg.subset, seed=cfg.subset_seed)]
     splits.insert(0, Split("train", cfg.train, sorted(pool.tolist())))
@@ -152,7 +156,9 @@ def prepare_data(cfg: FitConfig, data_config: dict) -> Data:
         ds.split = name  # read by the lambda-selection guard
         return ds
 
-    options = {k: getattr(cfg, k) for k in ("fraction", "shots", "val_fraction", "test_fraction", "data_root")}
+    options = {
+        k: getattr(cfg, k) for k in ("fraction", "shots", "val_fraction", "val_size", "test_fraction", "data_root")
+    }
     return Data(
         classes=classes,
         train=dataset("train", train_tf),
@@ -160,10 +166,33 @@ def prepare_data(cfg: FitConfig, data_config: dict) -> Data:
         tests={s.name.removeprefix("test:"): dataset(s.name, eval_tf) for s in splits if s.name.startswith("test:")},
         splits={
             **splits_to_dict(splits, sources, classes, cfg.seed, options),
+            "validation": {**validation, "size": len(val.indices)},
             "skipped_bad_images": skipped,
             "duplicates_with_test": duplicates,
         },
     )
+
+
+def size_validation(cfg: FitConfig, val: Split, source: ImageSource, train_counts: Counter) -> dict[str, Any]:
+    """Apply --val-size to the validation split drawn so far; returns how it was applied, for splits.json.
+
+    `match` cuts validation to the training subset's images per class (before any FSR --subset), so a
+    scarce-data run selects (epochs, lambda, ...) on as much labelled data as such a user would hold out.
+    """
+    drawn_from = f"--val {cfg.val}" if cfg.val else f"a --val-fraction {cfg.val_fraction:g} hold-out of --train"
+    record: dict[str, Any] = {"rule": cfg.val_size, "meaning": VAL_SIZES[cfg.val_size], "drawn_from": drawn_from}
+    record["available"] = len(val.indices)
+    if cfg.val_size == "match":
+        if cfg.fraction is None and cfg.shots is None:
+            record["not_applied"] = "no --fraction or --shots: training uses the whole pool, so all of it validates"
+        else:
+            record["matched_to"] = f"--shots {cfg.shots}" if cfg.shots is not None else f"--fraction {cfg.fraction:g}"
+            record["target"] = dict(sorted(train_counts.items()))
+            samples = [source.samples[i] for i in val.indices]
+            groups = [s.group for s in samples] if source.has_groups() else None
+            picked = matched([s.label for s in samples], groups, counts=train_counts, seed=cfg.seed + 3)
+            val.indices = [val.indices[k] for k in picked]
+    return record
 
 
 def load_configured_backbone(cfg: FitConfig) -> nn.Module:

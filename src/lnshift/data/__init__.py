@@ -7,6 +7,7 @@ from lnshift.data.splits import (
     check_disjoint,
     find_duplicate_content,
     holdout,
+    matched,
     splits_to_dict,
     subsample,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "find_duplicate_content",
     "holdout",
     "make_transform",
+    "matched",
     "open_source",
     "splits_to_dict",
     "subsample",

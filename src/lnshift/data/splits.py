@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,8 +69,43 @@ def holdout(
     """
     if not 0 < fraction < 1:
         raise ConfigError(f"holdout fraction must be in (0, 1), got {fraction}")
+    held: list[list[int]] = []
+    for cls_groups in _shuffled_class_groups(labels, groups, seed, "holdout").values():
+        total = sum(map(len, cls_groups))
+        target = min(max(round(fraction * total), 1), total - 1) if total >= 2 else 0
+        held += _first_fit(cls_groups, target, limit=total)
+    held_idx = _sorted_indices(held)
+    kept_idx = np.setdiff1d(np.arange(len(labels), dtype=np.int64), held_idx)
+    return kept_idx, held_idx
+
+
+def matched(
+    labels: Sequence[str], groups: Sequence[str | None] | None, *, counts: Mapping[str, int], seed: int
+) -> np.ndarray:
+    """About `counts[c]` images of each class c (at least one, at most all), keeping groups whole.
+
+    `--val-size match` cuts a validation hold-out with it to the size of the training subset. Groups
+    belong to classes and are walked in a seeded order as in `holdout`: a group is taken when that
+    brings the class's count closer to its target; a class that took none takes its smallest group.
+    Without groups this is exactly min(max(counts[c], 1), n_c) images of each class c.
+    """
+    taken: list[list[int]] = []
+    for c, cls_groups in _shuffled_class_groups(labels, groups, seed, "matched").items():
+        total = sum(map(len, cls_groups))
+        taken += _first_fit(cls_groups, min(max(counts.get(c, 0), 1), total), limit=total + 1)
+    return _sorted_indices(taken)
+
+
+def _shuffled_class_groups(
+    labels: Sequence[str], groups: Sequence[str | None] | None, seed: int, caller: str
+) -> dict[str, list[list[int]]]:
+    """Per class (sorted), its groups' indices in one seeded order.
+
+    Each group belongs to the class of its majority label (ties: the alphabetically first); images
+    whose group is None, or all images when `groups` is None, are groups of one.
+    """
     if groups is not None and len(groups) != len(labels):
-        raise DataError(f"holdout got {len(labels)} labels but {len(groups)} groups")
+        raise DataError(f"{caller} got {len(labels)} labels but {len(groups)} groups")
     members: dict[object, list[int]] = {}
     for i in range(len(labels)):
         group = None if groups is None else groups[i]
@@ -80,25 +115,25 @@ def holdout(
         counts = Counter(labels[i] for i in idx)
         majority = min(counts, key=lambda c: (-counts[c], c))
         class_groups.setdefault(majority, []).append(idx)
-
     rng = np.random.default_rng(seed)
-    held: list[list[int]] = []
-    for c in sorted(class_groups):
-        cls_groups = [class_groups[c][j] for j in rng.permutation(len(class_groups[c]))]
-        total = sum(map(len, cls_groups))
-        target = min(max(round(fraction * total), 1), total - 1) if total >= 2 else 0
-        chosen: list[list[int]] = []
-        count = 0
-        for idx in cls_groups:
-            if abs(count + len(idx) - target) < abs(count - target) and count + len(idx) < total:
-                chosen.append(idx)
-                count += len(idx)
-        if not chosen and len(cls_groups) >= 2:
-            chosen.append(min(cls_groups, key=len))
-        held += chosen
-    held_idx = _sorted_indices(held)
-    kept_idx = np.setdiff1d(np.arange(len(labels), dtype=np.int64), held_idx)
-    return kept_idx, held_idx
+    return {c: [class_groups[c][j] for j in rng.permutation(len(class_groups[c]))] for c in sorted(class_groups)}
+
+
+def _first_fit(cls_groups: list[list[int]], target: int, limit: int) -> list[list[int]]:
+    """Groups taken in order while each brings the count closer to `target` and keeps it below `limit`.
+
+    When none was taken, the smallest group is, if it stays below `limit`.
+    """
+    chosen: list[list[int]] = []
+    count = 0
+    for idx in cls_groups:
+        if abs(count + len(idx) - target) < abs(count - target) and count + len(idx) < limit:
+            chosen.append(idx)
+            count += len(idx)
+    smallest = min(cls_groups, key=len)
+    if not chosen and len(smallest) < limit:
+        chosen.append(smallest)
+    return chosen
 
 
 @dataclass
