@@ -16,6 +16,7 @@ from lnshift.data.builtin import resolve_spec
 from lnshift.data.device import to_device
 from lnshift.evaluate import predict, resolve_device
 from lnshift.fit import loader
+from lnshift.phases import BUDGETS
 from lnshift.saved_run import load_run
 from tiny import TINY
 
@@ -134,6 +135,18 @@ def test_every_method_runs(tmp_path, method):
     assert fit(tmp_path / method, "--method", method, "--epochs", "4") == 0
     phases = json.loads((tmp_path / method / rd.CYCLES).read_text())["phases"]
     assert len(phases) == (4 if method == "cyclic" else 1)
+
+
+def test_cyclic_kx_gives_every_phase_the_whole_budget(tmp_path):
+    """cyclic shares --steps over its 2K phases; cyclic-kx (the paper's budget) trains all of it in each, lambda too."""
+    assert fit(tmp_path / "cyclic", "--method", "cyclic", "--steps", "8") == 0
+    kx = ["--method", "cyclic-kx", "--steps", "8", "--lambda", "auto", "--lambda-each-cycle"]
+    assert fit(tmp_path / "kx", *kx) == 0
+    shared, full = (json.loads((tmp_path / name / rd.CYCLES).read_text()) for name in ("cyclic", "kx"))
+    assert [p["steps"] for p in shared["phases"]] == [2] * 4 and shared["budget"]["steps"] == 8
+    assert [p["steps"] for p in full["phases"]] == [8] * 4
+    assert full["budget"] == {"rule": BUDGETS["cyclic-kx"], "budget_steps": 8, "factor": 4, "steps": 32}
+    assert [("lambda" in p) for p in full["phases"]] == [False, True] * 2
 
 
 def test_inspect_lists_layernorms(capsys):

@@ -61,7 +61,8 @@ def train_both(backbone, cfg: FitConfig, dtype: torch.dtype) -> tuple[list[dict]
 
 
 @pytest.mark.parametrize(
-    ("method", "head"), [("ln", "linear"), ("cyclic", "linear"), ("lp-ln", "mlp"), ("lp", "linear")]
+    ("method", "head"),
+    [("ln", "linear"), ("cyclic", "linear"), ("cyclic-kx", "linear"), ("lp-ln", "mlp"), ("lp", "linear")],
 )
 def test_batched_runs_equal_runs_one_by_one(backbone64, method, head):
     """In float64, so that Adam's normalised step cannot turn rounding noise into a sign flip (see the fp32 test)."""
@@ -285,7 +286,9 @@ def test_batched_runs_refuse_what_fit_would_do_otherwise(tmp_path, change, messa
         fit_batched(cfgs, CPU)
 
 
-@pytest.mark.parametrize(("method", "options"), [("ln", {}), ("cyclic", {}), ("ln", {"val_size": "match"})])
+@pytest.mark.parametrize(
+    ("method", "options"), [("ln", {}), ("cyclic", {}), ("cyclic-kx", {}), ("ln", {"val_size": "match"})]
+)
 def test_a_batched_run_is_the_run_fit_makes(tmp_path, method, options, device):
     """Same splits, batches, phases and optimiser steps as `lnshift fit --select last`: the same tensors and metrics."""
     from lnshift import rundir as rd
@@ -304,6 +307,9 @@ def test_a_batched_run_is_the_run_fit_makes(tmp_path, method, options, device):
     assert ma["val"]["accuracy"] == mb["val"]["accuracy"]
     sa, sb = (json.loads((r.path / rd.SPLITS).read_text()) for r in (batched, alone))
     assert sa == sb
+    ca, cb = (json.loads((r.path / rd.CYCLES).read_text()) for r in (batched, alone))
+    assert [p["steps"] for p in ca["phases"]] == [p["steps"] for p in cb["phases"]]
+    assert ca["budget"] == cb["budget"] and ca["budget"]["steps"] == 6 * (4 if method == "cyclic-kx" else 1)
     val_size = options.get("val_size", "holdout")
     assert yaml.safe_load((batched.path / rd.CONFIG).read_text())["fit"]["val_size"] == val_size
     # each run validates on its own data: 2 shots on 2 images per class under match, the full hold-out otherwise

@@ -20,6 +20,7 @@ from scipy import stats
 
 from lnshift import rundir as rd
 from lnshift.cli import main
+from lnshift.phases import BUDGETS
 from lnshift.report import FIGURES, REPORT, report_main, write_report
 from lnshift.report.figures import block_grid
 from lnshift.report.html import DISPLAY_SCALE
@@ -150,6 +151,7 @@ def test_cyclic_report_shows_phases_fsr_and_the_fsr_lambda(runs, tmp_path):
     )
     phases = page.table_with("kept epoch")
     assert [r[0] for r in phases[1:]] == ["head-1", "layernorm-1", "head-2", "layernorm-2"]
+    assert f"cyclic (K = 2: {BUDGETS['cyclic']})" in text and f"steps in all: {BUDGETS['cyclic']}." in text
     assert "reference_steps" in text and "different schedules" in text  # the oracle's budget warning
     estimate = json.loads((runs / "cyclic" / rd.FSR_ESTIMATE).read_text())
     assert f"{estimate['fsr_est']:.4g}" in text
@@ -301,6 +303,7 @@ def test_sweep_report_tables_comparisons_and_figures(sweep_dir):
     check_figures(page, sweep_dir, ["sweep_accuracy", "sweep_fsr_lambda"])
     assert "1 cells have not finished: lung/ln/f1/s3" in text
     assert "shots5 are not on the data fraction axis" in text
+    assert f"cyclic: {BUDGETS['cyclic']}." in text and "cyclic-kx" not in text  # labels of the methods shown
 
     rows = sweep_rows()
     results = page.table_with("ID %")

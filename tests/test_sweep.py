@@ -173,6 +173,14 @@ def test_shards_are_disjoint_cover_all_cells_and_keep_units_whole(tmp_path, monk
     assert not (sweep.out / "results.csv").exists()  # shards leave collecting to --collect
 
 
+def test_cyclic_kx_and_its_rescaled_variant_are_sweep_methods(tmp_path):
+    data = spec(tmp_path / "out")
+    data["methods"] = ["cyclic", "cyclic-kx", "cyclic-kx+auto"]
+    sweep = sw.load_sweep(write(tmp_path / "s.yaml", data))
+    cell = next(c for c in sw.cells(sweep) if c.method == "cyclic-kx+auto")
+    assert (cell.unit, sweep.fit_config(cell).method) == ("mini/cyclic-kx/shots2/s0", "cyclic-kx")
+
+
 @pytest.mark.parametrize(
     ("change", "key"),
     [
@@ -181,6 +189,7 @@ def test_shards_are_disjoint_cover_all_cells_and_keep_units_whole(tmp_path, monk
         (lambda s: s.update(methods=["ln", "magic"]), "methods"),
         (lambda s: s.update(methods=["lp+auto"]), "methods"),
         (lambda s: s.update(methods=["ln+best"]), "methods"),
+        (lambda s: s.update(methods=["cyclic-3x"]), "methods"),
         (lambda s: s.update(regimes=[{"fraction": 1.5}]), "regimes[0].fraction"),
         (lambda s: s.update(regimes=[{"shots": 2}, {"epochs": 3}]), "regimes[1]"),
         (lambda s: s.update(seeds=[0, 0]), "seeds"),

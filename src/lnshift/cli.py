@@ -249,9 +249,9 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batched",
         action="store_true",
-        help="train the seeds, regimes and learning-rate candidates of each lp/ln/lp-ln/cyclic dataset-method pair "
-        "in batched passes, one per run length, in this process on its device; the rest then runs on the workers "
-        "(needs select: last; see docs/multirun.md)",
+        help="train the seeds, regimes and learning-rate candidates of each lp/ln/lp-ln/cyclic/cyclic-kx "
+        "dataset-method pair in batched passes, one per run length, in this process on its device; the rest then "
+        "runs on the workers (needs select: last; see docs/multirun.md)",
     )
 
 

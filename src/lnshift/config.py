@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .phases import BUDGETS
 
 BUILTIN_DATA = "builtin:pacs-mini"
 DEFAULT_MODEL = "lnshift/vit-tiny-cifar10"
@@ -62,8 +63,12 @@ class FitConfig:
     augment: str = _opt("default", "training augmentation: default (timm), strong (RandAugment + erasing), none")
     skip_bad_images: bool = _opt(False, "skip undecodable images (listed in the log) instead of stopping")
     # method
-    method: str = _opt("ln", "lp, ln, full, bitfit, lora, lp-ln or cyclic")
-    cycles: int = _opt(2, "number of head <-> LayerNorm alternations for --method cyclic")
+    method: str = _opt(
+        "ln",
+        "lp, ln, full, bitfit, lora, lp-ln, cyclic or cyclic-kx; "
+        + "; ".join(f"{m}: {text}" for m, text in BUDGETS.items()),
+    )
+    cycles: int = _opt(2, "number of head <-> LayerNorm alternations (K) for --method cyclic and cyclic-kx")
     head: str = _opt("linear", "classification head: linear, mlp or attention")
     head_hidden: int = _opt(0, "hidden width of the mlp / attention head (0: twice the feature width)")
     include_rms: bool = _opt(False, "also tune RMSNorm scales (off: LayerNorm only)")
@@ -78,7 +83,7 @@ class FitConfig:
     )
     lambda_target: str = _opt("gamma", "which LayerNorm parameters lambda rescales: gamma, beta or both")
     lambda_grid: str = _opt(",".join(str(0.25 * i) for i in range(13)), "lambda values tried by --lambda auto")
-    lambda_each_cycle: bool = _opt(False, "cyclic: rescale after every LayerNorm phase instead of once at the end")
+    lambda_each_cycle: bool = _opt(False, "cyclic, cyclic-kx: rescale after every LayerNorm phase, not once at the end")
     fsr_subsets: str = _opt("0.25,0.5,0.75", "nested training fractions tuned to estimate FSR (the full set is added)")
     fsr_seeds: int = _opt(2, "seeds per subset for the FSR estimate")
     subset: float | None = _opt(None, "keep this nested fraction of the training split (set by the FSR estimator)")

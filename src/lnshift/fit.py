@@ -44,7 +44,7 @@ from .fsr_runs import estimate_fsr
 from .heads import Classifier, build_head
 from .lambdas import lambda_record, parse_grid, select_lambda
 from .loop import PhasePlan, PhaseState, restore, run_phase, seed_everything, snapshot, store_frozen
-from .phases import phases_for, split_budget
+from .phases import budget_factor, budget_rule, phase_steps, phases_for
 from .shift import ShiftReport, layer_shift, rescale
 from .strategies import StrategyOptions, get_strategy, norm_module_names
 
@@ -258,9 +258,9 @@ def build_model(cfg: FitConfig, backbone: nn.Module, num_classes: int) -> Classi
 
 
 def plan_phases(model: nn.Module, cfg: FitConfig, total: int) -> list[PhasePlan]:
-    """The method's phases, each with the tensors it trains and its share of `total` optimiser steps."""
+    """The method's phases, each with the tensors it trains and its share of the `total` budget (cyclic-kx: all)."""
     phases = phases_for(cfg.method, cfg.cycles, rescale_each_cycle=cfg.lambda_each_cycle)
-    budgets = split_budget(total, len(phases))
+    budgets = phase_steps(cfg.method, cfg.cycles, total)
     options = strategy_options(cfg)
     return [
         PhasePlan(i, phase, get_strategy(phase.strategy).select(model, options), steps)
@@ -511,7 +511,7 @@ def write_outcome(
     rd.write_tensors(run / rd.ADAPTER, adapter, meta)
     if norms:
         rd.write_json(run / rd.SHIFT, layer_shift(base, adapter, norms).to_dict())
-    rd.write_json(run / rd.CYCLES, {"phases": phases})
+    rd.write_json(run / rd.CYCLES, {"phases": phases, "budget": budget_record(cfg, phases)})
     metrics = evaluate_all(model, data.val, data.tests, len(data.classes), cfg, device)
     rd.write_json(run / rd.METRICS, metrics)
     log.info("metrics: " + summarize(metrics))
@@ -519,6 +519,13 @@ def write_outcome(
         (run / rd.CHECKPOINT / "state.pt").unlink(missing_ok=True)
     log.event("done")
     run.mark_done()
+
+
+def budget_record(cfg: FitConfig, phases: list[dict[str, Any]]) -> dict[str, Any]:
+    """cycles.json's budget: the --steps / --epochs budget in steps, how the method spent it, the steps trained."""
+    steps = sum(p["steps"] for p in phases)
+    factor = budget_factor(cfg.method, cfg.cycles)
+    return {"rule": budget_rule(cfg.method), "budget_steps": steps // factor, "factor": factor, "steps": steps}
 
 
 def apply_lambda(

@@ -27,6 +27,7 @@ from . import rundir as rd
 from .config import FitConfig
 from .errors import ConfigError
 from .fsr import extrapolate_shift
+from .phases import budget_factor
 
 SUBDIR = "fsr-estimate"
 
@@ -59,7 +60,7 @@ def sub_run(cfg: FitConfig, root: Path, fraction: float, seed: int, steps: int, 
         select="last",  # exactly the parent's budget: no earlier epoch kept (docs/fsr.md)
         subset=fraction,
         subset_seed=seed,
-        steps=steps,
+        steps=steps // budget_factor(cfg.method, cfg.cycles),  # the budget giving each phase the parent's steps
         test={},
         out=str(out),
         resume=started,

@@ -8,7 +8,7 @@ and the learning-rate schedule act elementwise, so each slice takes the step its
 alone (equal up to float reduction order; docs/multirun.md).
 
 Supported: methods whose phases train the head, the LayerNorms or both (`lp`, `ln`, `lp-ln`,
-`cyclic`) with any head (the attention head through vmap's slower per-run fallback of attention).
+`cyclic`, `cyclic-kx`) with any head (the attention head through vmap's slower per-run fallback of attention).
 train_runs takes a fixed step budget (`steps`); fit_batched also takes `epochs`, which give runs on
 different amounts of data different lengths: the runs of equal length train together. Batched runs
 keep their last state (as `fit --select last`): there is no validation-based epoch choice, and no
@@ -371,7 +371,7 @@ BATCHED_HOW = (
     "steps that `lnshift fit --select last` gives it (device input pipeline), up to float rounding"
 )
 BATCHED_ALLOWED = {"seed", "fraction", "shots", "lr", "out", "resume", "overwrite"}
-BATCHED_METHODS = ("lp", "ln", "lp-ln", "cyclic")
+BATCHED_METHODS = ("lp", "ln", "lp-ln", "cyclic", "cyclic-kx")
 
 
 def _shared_data(cfgs: Sequence[FitConfig], data_config: dict, score_tests: bool) -> list[Data]:

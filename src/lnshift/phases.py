@@ -1,7 +1,8 @@
-"""Methods as sequences of phases: the one table that says what `lp`, `ln`, `lp-ln` and `cyclic` mean.
+"""Methods as sequences of phases: the one table that says what `lp`, `ln`, `lp-ln`, `cyclic`, ... mean.
 
 A phase names the strategy whose tensors train and its share of the epoch budget. The whole budget
-(`epochs`, or `steps`) is split evenly over the phases, so methods compare at equal cost.
+(`epochs`, or `steps`) is split evenly over the phases, so methods compare at equal cost; only
+`cyclic-kx`, the paper's cyclic budget, gives every phase the whole budget (`phase_steps`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ from dataclasses import dataclass
 from .errors import ConfigError
 
 SINGLE_PHASE = {"lp": "head", "ln": "ln", "full": "full", "bitfit": "bitfit", "lora": "lora"}
-METHODS = (*SINGLE_PHASE, "lp-ln", "cyclic")
+CYCLIC = ("cyclic", "cyclic-kx")  # [head], [layernorm], K times; they differ only in the budget
+METHODS = (*SINGLE_PHASE, "lp-ln", *CYCLIC)
+# how the cyclic methods spend the --steps / --epochs budget: the label in help texts, reports and docs
+BUDGETS = {
+    "cyclic": "K cycles sharing the budget (equal optimiser steps with every other method)",
+    "cyclic-kx": "the paper's budget, every phase the full budget (2K times the steps)",
+}
 
 # Each method's learning-rate grid for `--lr auto` (chosen on validation, docs/search.md) and the single
 # `--lr` used when none is given: the value chosen most often in the protocol with selection
@@ -43,7 +50,7 @@ def phases_for(method: str, cycles: int = 2, rescale_each_cycle: bool = False) -
         return [Phase(method, SINGLE_PHASE[method])]
     if method == "lp-ln":
         return [Phase("lp", "head"), Phase("ln", "ln")]
-    if method == "cyclic":
+    if method in CYCLIC:
         if cycles < 1:
             raise ConfigError(f"--cycles must be >= 1, got {cycles}")
         phases = []
@@ -60,3 +67,18 @@ def split_budget(total: int, n_phases: int) -> list[int]:
         raise ConfigError(f"a budget of {total} cannot be split over {n_phases} phases; raise --epochs or --steps")
     base, extra = divmod(total, n_phases)
     return [base + (1 if i < extra else 0) for i in range(n_phases)]
+
+
+def budget_factor(method: str, cycles: int = 2) -> int:
+    """How many times the --steps / --epochs budget a method trains: 2K for cyclic-kx, 1 for every other."""
+    return len(phases_for(method, cycles)) if method == "cyclic-kx" else 1
+
+
+def phase_steps(method: str, cycles: int, budget: int) -> list[int]:
+    """Each phase's optimiser steps for a budget of `budget` steps: an even share of it, or all of it (cyclic-kx)."""
+    return split_budget(budget * budget_factor(method, cycles), len(phases_for(method, cycles)))
+
+
+def budget_rule(method: str) -> str:
+    """How a method spends the budget, in words (recorded in cycles.json)."""
+    return BUDGETS.get(method, "the budget split evenly over the method's phases")

@@ -15,6 +15,7 @@ from typing import Any
 from safetensors import safe_open
 
 from .. import rundir as rd
+from ..phases import BUDGETS, CYCLIC
 from . import figures as F
 from .html import Figures, Section, key_values, note, num, pct, table, warning
 
@@ -90,7 +91,9 @@ def summary_section(run: rd.RunDir, config: dict, splits: dict | None) -> Sectio
         rows += [("classes", f"{len(splits['classes'])}: {', '.join(splits['classes'])}"), ("split sizes", sizes)]
     tests = ", ".join(f"{k} = {v}" for k, v in (fit.get("test") or {}).items())
     rows += [("test sets", tests or "none"), ("regime", regime_text(fit))]
-    method = fit.get("method", "?") + (f" ({fit['cycles']} cycles)" if fit.get("method") == "cyclic" else "")
+    method = fit.get("method", "?")
+    if method in CYCLIC:
+        method += f" (K = {fit['cycles']}: {BUDGETS[method]})"
     rows.append(("method", f"{method}, {fit.get('head', 'linear')} head"))
     if fit.get("lam") is not None:
         rows.append(("lambda", f"{fit['lam']} on {fit.get('lambda_target', 'gamma')}"))
@@ -242,7 +245,9 @@ def cycles_section(cycles: dict | None, figs: Figures) -> Section:
         f"epoch each phase kept{', green diamonds the accuracy after its lambda' if per_cycle else ''}. "
         "Right: summed shift after each phase, before any final lambda."
     )
-    body = table(header, rows, text_columns=2) + figs.embed("cycles", F.cycle_history(phases), caption)
+    budget = cycles.get("budget")  # runs before the budget record have none
+    spent = note(f"{budget['steps']} optimiser steps in all: {budget['rule']}.") if budget else ""
+    body = spent + table(header, rows, text_columns=2) + figs.embed("cycles", F.cycle_history(phases), caption)
     return Section("cycles", "Phases", body)
 
 

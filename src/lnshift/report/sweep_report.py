@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import RunDirError
+from ..phases import BUDGETS
 from . import figures as F
 from .html import Figures, Section, esc, key_values, note, num, table, warning
 from .stats import bootstrap_ci, mean_std, paired_compare
@@ -157,6 +158,7 @@ def results_section(sweep: Sweep) -> Section:
         f"Accuracy: mean ± sample std over seeds, then the 95% percentile-bootstrap interval of the mean. "
         f"{'ID is the test set holdout; OOD the mean over the other test sets. ' if 'ID' in views else ''}"
         "λ (the rescaling applied), FSR (oracle, against the fraction 1.0 run) and FSR_est are means."
+        + "".join(f" {m}: {text}." for m, text in BUDGETS.items() if m in {c.partition("+")[0] for c in sweep.methods})
     )
     return Section("results", "Results", note(text) + table(header, rows, cls="results", text_columns=3))
 
