@@ -277,6 +277,8 @@ def test_val_size_match_validates_on_as_much_as_training(tmp_path: Path, regime:
     else:  # whole groups of 2: each class within one image of its target
         assert all(abs(splits["val"]["counts"][c] - n) <= 1 for c, n in target.items())
         assert not set(splits["val"]["groups"]) & set(splits["train"]["groups"])
+    fsr_sub_run = splits_of(train, **regime, seed=4, val_size="match", subset=0.5).splits["splits"]
+    assert fsr_sub_run["val"] == splits["val"] and fsr_sub_run["train"] != splits["train"]  # the parent's validation
     again = splits_of(train, **regime, seed=4, val_size="match").splits["splits"]["val"]
     assert again == splits["val"] != splits_of(train, **regime, seed=5, val_size="match").splits["splits"]["val"]
 

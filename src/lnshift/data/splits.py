@@ -84,7 +84,7 @@ def matched(
 ) -> np.ndarray:
     """About `counts[c]` images of each class c (at least one, at most all), keeping groups whole.
 
-    `--val-size match` cuts a validation hold-out with it to the size of the training subset. Groups
+    `--val-size match` cuts the validation data to the training subset's size with it. Groups
     belong to classes and are walked in a seeded order as in `holdout`: a group is taken when that
     brings the class's count closer to its target; a class that took none takes its smallest group.
     Without groups this is exactly min(max(counts[c], 1), n_c) images of each class c.
@@ -120,9 +120,9 @@ def _shuffled_class_groups(
 
 
 def _first_fit(cls_groups: list[list[int]], target: int, limit: int) -> list[list[int]]:
-    """Groups taken in order while each brings the count closer to `target` and keeps it below `limit`.
+    """The groups taken, walking them in order: each that brings the count closer to `target` and below `limit`.
 
-    When none was taken, the smallest group is, if it stays below `limit`.
+    If none was, the smallest group, when it is below `limit`.
     """
     chosen: list[list[int]] = []
     count = 0
