@@ -4,7 +4,17 @@ import pytest
 
 from lnshift.config import FitConfig
 from lnshift.errors import ConfigError
-from lnshift.phases import BUDGETS, budget_factor, budget_rule, phase_steps, phases_for, split_budget
+from lnshift.phases import (
+    BUDGETS,
+    DEFAULT_LR,
+    LR_GRID,
+    METHODS,
+    budget_factor,
+    budget_rule,
+    phase_steps,
+    phases_for,
+    split_budget,
+)
 
 
 def test_single_phase_methods():
@@ -49,6 +59,11 @@ def test_fsr_sub_runs_of_cyclic_kx_train_the_runs_steps_per_phase(monkeypatch, t
         total = sum(phase_steps(method, 2, 12))
         sub_run(cfg, tmp_path, 0.5, 0, total, echo=None)
         assert phase_steps(method, 2, seen[-1].steps) == phase_steps(method, 2, 12)
+
+
+def test_every_method_has_a_learning_rate_grid_and_default():
+    assert set(LR_GRID) == set(DEFAULT_LR) == set(METHODS)
+    assert all(min(LR_GRID[m]) <= DEFAULT_LR[m] <= max(LR_GRID[m]) for m in METHODS)
 
 
 def test_errors_name_the_option():

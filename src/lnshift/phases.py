@@ -31,10 +31,12 @@ LR_GRID = {
     "bitfit": _SMALL_SET_GRID,
     "lp-ln": _SMALL_SET_GRID,
     "cyclic": _SMALL_SET_GRID,
+    "cyclic-kx": _SMALL_SET_GRID,
     "full": (3e-5, 1e-4, 3e-4, 1e-3, 3e-3),
     "lora": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
 }
 DEFAULT_LR = {"lp": 3e-2, "ln": 3e-2, "bitfit": 3e-2, "lp-ln": 3e-2, "cyclic": 3e-2, "full": 1e-3, "lora": 3e-3}
+DEFAULT_LR["cyclic-kx"] = DEFAULT_LR["cyclic"]  # the same phases; not measured on its own budget yet
 
 
 @dataclass(frozen=True)
