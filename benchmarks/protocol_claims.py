@@ -42,6 +42,7 @@ NAMES = {
     "ln": "LN",
     "lp-ln": "LP-LN",
     "cyclic": "cyclic",
+    "cyclic-kx": "cyclic-kx",
     "ln+auto": "LN+auto",
     "ln+fsr": "LN+fsr",
     "cyclic+auto": "cyclic+auto",
