@@ -1,5 +1,8 @@
 """Atomic writes and the run-directory policy (refuse, resume, overwrite)."""
 
+import os
+import stat
+
 import pytest
 import torch
 
@@ -49,3 +52,21 @@ def test_resume_without_run_and_incomplete_run_hint(tmp_path):
     run.prepare(resume=False, overwrite=False)
     with pytest.raises(RunDirError, match="did not finish"):
         run.require(rd.ADAPTER)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_get_the_mode_of_a_plain_write(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        rd.write_json(tmp_path / "new.json", {"a": 1})
+        rd.write_tensors(tmp_path / "new.safetensors", {"w": torch.zeros(2)}, {})
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    plain = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+    assert plain == 0o666 & ~umask
+    for name in ("new.json", "new.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == plain, name
+    (tmp_path / "new.json").chmod(0o640)  # rewriting a file keeps its mode, as open(path, "w") does
+    rd.write_json(tmp_path / "new.json", {"a": 2})
+    assert stat.S_IMODE((tmp_path / "new.json").stat().st_mode) == 0o640

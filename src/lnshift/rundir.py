@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -42,11 +43,16 @@ FAILED = "FAILED"  # a run that diverged (a search records it as a failed candid
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp_path)` then rename onto `path`; a crash leaves the old file or none, never half of one."""
+    """Call `write(tmp_path)` then rename onto `path`; a crash leaves the old file or none, never half of one.
+
+    The file gets the permissions a plain write would give it (mkstemp's are 0600, which would keep
+    reports and results from the other users of a shared machine).
+    """
     if not is_main():
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = plain_write_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -54,9 +60,20 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         write(tmp_path)
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, mode)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def plain_write_mode(path: Path) -> int:
+    """The mode `open(path, "w")` leaves: an existing file keeps its own, a new one gets 0666 less the umask."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def write_text(path: str | Path, text: str) -> None:
