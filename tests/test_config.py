@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from lnshift.config import FitConfig, add_fit_options, config_from_args
+from lnshift.config import BUILTIN_TESTS, FitConfig, add_fit_options, config_from_args
 from lnshift.errors import ConfigError
 
 
@@ -86,3 +86,10 @@ def test_a_run_saved_before_newer_options_compares_as_it_behaved(tmp_path):
         check_resume(run, FitConfig(input_pipeline="device"))
     with pytest.raises(RunDirError, match="frozen_dtype"):
         check_resume(run, FitConfig(input_pipeline="workers", frozen_dtype="bf16", precision="bf16"))
+
+
+def test_builtin_test_sets_only_with_the_builtin_training_data():
+    assert parse([]).test == BUILTIN_TESTS  # a plain `lnshift fit`: the built-in data end to end
+    assert parse(["--train", "my/train"]).test == {}
+    assert parse(["--train", "my/train", "--test", "a=x"]).test == {"a": "x"}
+    assert FitConfig(train="my.csv", test_fraction=0.2).test == {}

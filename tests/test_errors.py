@@ -3,13 +3,12 @@
 import json
 import shutil
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from lnshift import rundir as rd
 from lnshift.cli import main
-from tiny import TINY
+from tiny import TINY, image_folder
 
 FAST = [*TINY, "--epochs", "1", "--batch-size", "4", "--val-fraction", "0.25"]
 
@@ -17,13 +16,8 @@ FAST = [*TINY, "--epochs", "1", "--batch-size", "4", "--val-fraction", "0.25"]
 @pytest.fixture
 def folder(tmp_path):
     """A 2-class ImageFolder of 8 small real PNGs per class, and a test folder with the same classes."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("test", 3)):
-        for cls in ("cat", "dog"):
-            (tmp_path / split / cls).mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.integers(0, 255, size=(24, 24, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(tmp_path / split / cls / f"{cls}{i}.png")
+    image_folder(tmp_path / "train", 8)
+    image_folder(tmp_path / "test", 3, seed=1)
     return tmp_path
 
 

@@ -21,6 +21,9 @@ from .errors import ConfigError
 from .phases import BUDGETS
 
 BUILTIN_DATA = "builtin:pacs-mini"
+BUILTIN_TRAIN = f"{BUILTIN_DATA}/photo"
+# the default --test only while --train is the built-in default: a user's data has other classes
+BUILTIN_TESTS = {"photo": f"{BUILTIN_DATA}/photo-test", "sketch": f"{BUILTIN_DATA}/sketch"}
 DEFAULT_MODEL = "lnshift/vit-tiny-cifar10"
 # the device input pipeline may hold at most this share of the GPU's free memory; beyond it `auto` uses
 # workers. Processes that share a GPU (`lnshift sweep --per-device K`) get a K-th of it through the variable.
@@ -48,11 +51,12 @@ class FitConfig:
     pretrained: bool = _opt(True, "load the model's pretrained weights when no --weights is given")
     model_kwargs: dict = _opt({}, "extra constructor arguments for the model, as YAML, e.g. '{img_size: 64}'")
     # data
-    train: str = _opt(f"{BUILTIN_DATA}/photo", "training data: DIR, FILE.zip[:INNER], or FILE.csv (path,label[,group])")
+    train: str = _opt(BUILTIN_TRAIN, "training data: DIR, FILE.zip[:INNER], or FILE.csv (path,label[,group])")
     val: str | None = _opt(None, "validation data; when absent a stratified hold-out of --train (--val-fraction)")
-    test: dict = _opt(
-        {"photo": f"{BUILTIN_DATA}/photo-test", "sketch": f"{BUILTIN_DATA}/sketch"},
-        "named test sets NAME=SPEC (repeat the option for several)",
+    test: dict | None = _opt(
+        None,
+        "named test sets NAME=SPEC (repeat the option for several; default: none, or with the built-in --train "
+        f"its test sets {', '.join(f'{k}={v}' for k, v in BUILTIN_TESTS.items())})",
     )
     data_root: str | None = _opt(None, "folder or zip that CSV paths are relative to (default: the CSV's folder)")
     fraction: float | None = _opt(None, "use this stratified fraction of the training data (0 < F <= 1)")
@@ -138,6 +142,8 @@ class FitConfig:
     tensorboard: bool = _opt(False, "also log losses, learning rate and validation metrics to RUN_DIR/tensorboard")
 
     def __post_init__(self) -> None:
+        if self.test is None:
+            self.test = dict(BUILTIN_TESTS) if self.train == BUILTIN_TRAIN else {}
         self.validate()
 
     def validate(self) -> None:
