@@ -105,7 +105,8 @@ def test_eval_adds_a_test_set(ln_run, capsys):
 
 def test_existing_run_is_refused_with_a_clear_error(ln_run, capsys):
     assert fit(ln_run) == 2
-    assert "--resume" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "finished run" in err and "--overwrite" in err
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch):

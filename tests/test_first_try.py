@@ -46,3 +46,16 @@ def test_readme_csv_example(tmp_path):
     held = json.loads((out / rd.SPLITS).read_text())["splits"]["test:holdout"]["indices"]
     assert metrics["test"]["holdout"]["n"] == len(held) > 0
     assert all(i ^ 1 in held for i in held)  # rows 2k and 2k+1 are one patient: held out together
+
+
+def test_failed_fit_does_not_block_the_corrected_command(tmp_path, capsys):
+    """A typo'd path fails before training; the corrected command then succeeds in the same --out."""
+    image_folder(tmp_path / "train", 6)
+    out = ["--out", str(tmp_path / "r"), *FAST]
+    assert main(["fit", "--train", str(tmp_path / "trian"), *out]) == 2
+    assert "trian" in capsys.readouterr().err
+    assert main(["fit", "--train", str(tmp_path / "train"), *out]) == 0
+    assert (tmp_path / "r" / rd.DONE).is_file()
+    assert main(["fit", "--train", str(tmp_path / "train"), *out]) == 2  # a finished run is not replaced silently
+    err = capsys.readouterr().err
+    assert "finished run" in err and "--overwrite" in err and "--resume" not in err

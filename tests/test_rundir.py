@@ -37,12 +37,38 @@ def test_prepare_refuses_existing_run(tmp_path):
     run = rd.RunDir(tmp_path / "r")
     run.prepare(resume=False, overwrite=False)
     (run / "config.yaml").write_text("x")
-    with pytest.raises(RunDirError, match="--resume"):
+    rd.save_torch(run / rd.CHECKPOINT / "state.pt", {})  # it trained: there is something to resume
+    with pytest.raises(RunDirError, match="unfinished run; pass --resume"):
         run.prepare(resume=False, overwrite=False)
     run.prepare(resume=True, overwrite=False)
     assert (run / "config.yaml").exists()
     run.prepare(resume=False, overwrite=True)
     assert not (run / "config.yaml").exists()
+
+
+def test_finished_run_is_refused_without_suggesting_resume(tmp_path):
+    run = rd.RunDir(tmp_path / "r")
+    run.prepare(resume=False, overwrite=False)
+    run.mark_done()
+    for resume in (False, True):
+        with pytest.raises(RunDirError, match="finished run") as err:
+            run.prepare(resume=resume, overwrite=False)
+        assert "--overwrite" in str(err.value) and "pass --resume" not in str(err.value)
+
+
+def test_run_that_never_trained_is_replaced(tmp_path):
+    """What a run writes before its first checkpoint holds nothing to resume; anything else is kept."""
+    run = rd.RunDir(tmp_path / "r")
+    run.prepare(resume=False, overwrite=False)
+    for name in (rd.CONFIG, rd.EVENTS, rd.LOG):
+        (run / name).write_text("x")
+    (run / rd.CHECKPOINT).mkdir()
+    run.prepare(resume=False, overwrite=False)
+    assert run.path.is_dir() and not any(run.path.iterdir())
+    (run / rd.CONFIG).write_text("x")
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="unfinished run"):
+        run.prepare(resume=False, overwrite=False)
 
 
 def test_resume_without_run_and_incomplete_run_hint(tmp_path):

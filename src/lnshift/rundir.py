@@ -40,6 +40,8 @@ LOG = "train.log"
 CHECKPOINT = "checkpoint"
 DONE = "DONE"
 FAILED = "FAILED"  # a run that diverged (a search records it as a failed candidate): the error, one line
+# all that a run writes before its first checkpoint
+STARTUP_FILES = {CONFIG, EVENTS, LOG, SPLITS, BASE, CHECKPOINT, "tensorboard"}
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -120,15 +122,30 @@ class RunDir:
     def done(self) -> bool:
         return (self.path / DONE).is_file()
 
+    def never_trained(self) -> bool:
+        """An unfinished run with nothing to resume: it stopped before its first checkpoint (a typo'd path, say)."""
+        if self.done or (self.path / CHECKPOINT / "state.pt").exists():
+            return False
+        return all(p.name in STARTUP_FILES or p.name.endswith(".tmp") for p in self.path.iterdir())
+
     def prepare(self, *, resume: bool, overwrite: bool) -> None:
-        """Refuse to write into an existing run unless the user said --resume or --overwrite."""
+        """Refuse to write into an existing run unless the user said --resume or --overwrite.
+
+        A run that stopped before training started holds nothing to resume: a new run replaces it.
+        """
         if self.path.exists() and any(self.path.iterdir()):
-            if overwrite:
+            if overwrite or (not resume and self.never_trained()):
                 shutil.rmtree(self.path)
-            elif not resume:
-                state = "a finished run" if self.done else "an unfinished run"
+            elif self.done:
+                state = "holds a finished run, nothing to resume" if resume else "already holds a finished run"
+                prefix = "--resume: " if resume else ""
                 raise RunDirError(
-                    f"{self.path} already holds {state}; pass --resume to continue it or --overwrite to replace it"
+                    f"{prefix}{self.path} {state}; pass --overwrite to replace it or choose another --out"
+                )
+            elif not resume:
+                raise RunDirError(
+                    f"{self.path} already holds an unfinished run; pass --resume to continue it or --overwrite "
+                    "to replace it"
                 )
         elif resume:
             raise RunDirError(f"--resume: {self.path} holds no run to resume")
