@@ -10,7 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from lnshift import rundir as rd
+from lnshift.backbones import load_backbone
 from lnshift.cli import main
+from lnshift.config import FitConfig
 from lnshift.data import ImageDataset, make_transform, open_source
 from lnshift.data.builtin import resolve_spec
 from lnshift.data.device import to_device
@@ -154,6 +156,14 @@ def test_inspect_lists_layernorms(capsys):
     assert main(["inspect", "--model", "test_vit"]) == 0
     out = capsys.readouterr().out
     assert "model.blocks.0.norm1" in out and "trainable LayerNorm values" in out
+
+
+def test_inspect_defaults_to_fit_s_model_and_shows_its_training_preprocessing(capsys):
+    """The architecture only, but the preprocessing that training uses: the one stored with the weights."""
+    assert main(["inspect", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)["data_config"]
+    used = load_backbone(FitConfig().model).data_config
+    assert shown == json.loads(json.dumps(used)) and shown["crop_pct"] == 1.0 and shown["mean"][0] != 0.5
 
 
 def test_help_of_every_command():

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from . import __version__
-from .config import _parse_named, _parse_yaml_dict, add_fit_options, config_from_args
+from .config import DEFAULT_MODEL, _parse_named, _parse_yaml_dict, add_fit_options, config_from_args
 from .errors import ConfigError, LNShiftError
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
@@ -83,7 +83,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _inspect_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model name, as for `lnshift fit --model`")
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"model name, as for `lnshift fit --model` (default: {DEFAULT_MODEL})"
+    )
     p.add_argument("--weights", help="local weights file or folder")
     p.add_argument(
         "--pretrained",

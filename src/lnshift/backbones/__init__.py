@@ -11,7 +11,7 @@ import timm
 
 from ..errors import ModelError
 from . import registry
-from .base import Backbone, find_norms, norm_table
+from .base import Backbone, find_norms, norm_table, stored_data_config
 from .gelu_table import use_table_gelu
 from .hf_backbone import load_hf
 from .openclip_backbone import load_open_clip
@@ -46,16 +46,25 @@ def _folder_kind(folder: Path) -> str:
 
 
 def _load_spec(spec: ModelSpec, weights: str | None, pretrained: bool, model_kwargs: dict[str, Any]) -> Backbone:
-    """Weights precedence: the user's file, then the bundled asset, then the hub cache, else random."""
-    if weights is None and pretrained and spec.weights:
-        weights = str(resources.files("lnshift") / "assets" / spec.weights)
+    """Weights precedence: the user's file, then the bundled asset, then the hub cache, else random.
+
+    Without weights (an architecture only, as `lnshift inspect` builds it) a bundled model still reports
+    the preprocessing stored with its weights, the one it trains with.
+    """
+    data_config = spec.data_config
+    if spec.weights and weights is None:
+        bundled = Path(str(resources.files("lnshift") / "assets" / spec.weights))
+        if pretrained:
+            weights = str(bundled)
+        else:
+            data_config = {**data_config, **stored_data_config(bundled)}
     from_hub = weights is None and pretrained and spec.hub_id is not None
     return _LOADERS[spec.source](
         spec.hub_id if from_hub else spec.arch,
         weights,
         pretrained=from_hub,
         model_kwargs={**spec.model_kwargs, **model_kwargs},
-        data_config=spec.data_config,
+        data_config=data_config,
     )
 
 

@@ -162,12 +162,33 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
     return obj
 
 
-def read_weights(weights: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """State dict and the preprocessing that travels with it, from a file or a folder.
+def stored_data_config(path: Path) -> dict[str, Any]:
+    """The preprocessing that travels with a weights file, without reading its tensors.
 
-    Preprocessing sources, later winning: `config.json` next to the weights (timm hub format or plain
-    keys), `<file>.json` / `<stem>.json`, and the safetensors metadata entry `lnshift.data_config`.
+    Sources, later winning: `config.json` next to the weights (timm hub format or plain keys),
+    `<file>.json` / `<stem>.json`, and the safetensors metadata entry `lnshift.data_config`.
     """
+    data_config: dict[str, Any] = {}
+    for sidecar in (path.parent / "config.json", path.with_suffix(".json"), Path(f"{path}.json")):
+        if sidecar.is_file():
+            data_config.update(_json_data_config(sidecar))
+    if path.suffix != ".safetensors":
+        return data_config
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise ModelError(f"cannot read safetensors weights {path}: {err}") from err
+    if METADATA_KEY in metadata:
+        try:
+            data_config.update(clean_data_config(json.loads(metadata[METADATA_KEY])))
+        except (json.JSONDecodeError, TypeError, ValueError) as err:
+            raise ModelError(f"bad '{METADATA_KEY}' metadata in {path}: {err}") from err
+    return data_config
+
+
+def read_weights(weights: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """State dict and the preprocessing that travels with it (`stored_data_config`), from a file or a folder."""
     path = Path(weights).expanduser()
     if path.is_dir():
         file = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
@@ -177,23 +198,13 @@ def read_weights(weights: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
     if not path.is_file():
         raise ModelError(f"weights file {path} does not exist")
 
-    data_config: dict[str, Any] = {}
-    for sidecar in (path.parent / "config.json", path.with_suffix(".json"), Path(f"{path}.json")):
-        if sidecar.is_file():
-            data_config.update(_json_data_config(sidecar))
-
+    data_config = stored_data_config(path)
     if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), framework="pt") as f:
                 obj = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-                metadata = f.metadata() or {}
         except (SafetensorError, OSError) as err:
             raise ModelError(f"cannot read safetensors weights {path}: {err}") from err
-        if METADATA_KEY in metadata:
-            try:
-                data_config.update(clean_data_config(json.loads(metadata[METADATA_KEY])))
-            except (json.JSONDecodeError, TypeError, ValueError) as err:
-                raise ModelError(f"bad '{METADATA_KEY}' metadata in {path}: {err}") from err
     elif path.suffix in (".bin", ".pth", ".pt", ".ckpt"):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
