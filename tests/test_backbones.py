@@ -190,6 +190,16 @@ def test_mismatching_weights_name_keys(vit_source: nn.Module, tmp_path: Path) ->
     assert "blocks.0.norm1.weight (65,) in file vs (64,) in model" in str(err.value)
 
 
+def test_other_architecture_s_weights_for_the_bundled_model(vit_source: nn.Module, tmp_path: Path) -> None:
+    """Its position embeddings cannot be resampled to the bundled model's: the error lists what does not fit."""
+    save_file(vit_source.state_dict(), str(tmp_path / "other.safetensors"))
+    with pytest.raises(ModelError) as err:
+        load_backbone("lnshift/vit-tiny-cifar10", weights=str(tmp_path / "other.safetensors"))
+    assert "other.safetensors do not fit timm model" in str(err.value)
+    assert "unexpected keys [cls_token" in str(err.value)
+    assert "blocks.0.norm1.weight (64,) in file vs (192,) in model" in str(err.value)
+
+
 def test_pos_embed_resampled_for_other_img_size(vit_source: nn.Module, tmp_path: Path) -> None:
     file = tmp_path / "w.safetensors"
     save_file(vit_source.state_dict(), str(file))

@@ -113,7 +113,7 @@ def _folder_config(folder: Path) -> dict[str, Any]:
     return cfg
 
 
-def _filter_checkpoint(model: nn.Module, state_dict: dict[str, Tensor], source: str) -> dict[str, Tensor]:
+def _filter_checkpoint(model: nn.Module, state_dict: dict[str, Tensor], source: str, what: str) -> dict[str, Tensor]:
     """Apply the model module's own `checkpoint_filter_fn`, as timm does for pretrained weights.
 
     This converts original-format checkpoints (DINOv2, OpenAI CLIP, ...) and resamples position
@@ -125,6 +125,9 @@ def _filter_checkpoint(model: nn.Module, state_dict: dict[str, Tensor], source: 
     try:
         return filter_fn(state_dict, model)
     except (KeyError, RuntimeError, ValueError) as err:
+        # weights of another architecture usually fail here (resampling position embeddings of another
+        # shape): the keys and shapes that do not fit say why, where timm's message does not
+        load_state_dict_strict(model, state_dict, what, source)
         raise ModelError(f"weights {source} could not be converted for {type(model).__name__}: {err}") from err
 
 
@@ -167,8 +170,9 @@ def load_timm(
     weights_config: dict[str, Any] = {}
     if weights is not None:
         state_dict, weights_config = read_weights(weights)
-        state_dict = _filter_checkpoint(model, state_dict, str(weights))
-        load_state_dict_strict(model, state_dict, f"timm model {arch!r}", str(weights))
+        what = f"timm model {arch!r}"
+        state_dict = _filter_checkpoint(model, state_dict, str(weights), what)
+        load_state_dict_strict(model, state_dict, what, str(weights))
     return TimmBackbone(
         model,
         name,
