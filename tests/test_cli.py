@@ -85,13 +85,19 @@ def test_loaded_run_reproduces_saved_validation_metrics(ln_run):
 
 
 def test_merge_gives_a_plain_timm_state_dict(ln_run, tmp_path):
+    """Plain timm rebuilds the model from the file's metadata alone."""
     import timm
+    from safetensors import safe_open
 
     out = tmp_path / "merged.safetensors"
     assert main(["merge", str(ln_run), "--out", str(out)]) == 0
     state = load_file(out)
-    model = timm.create_model("test_vit", num_classes=7, img_size=32, patch_size=8)
+    with safe_open(out, "pt") as fh:
+        meta = fh.metadata()
+    model = timm.create_model(meta["timm.architecture"], **json.loads(meta["timm.kwargs"]))
     model.load_state_dict(state)  # strict: names and shapes are timm's own
+    assert json.loads(meta["lnshift.classes"]) == load_run(ln_run).classes
+    assert json.loads(meta["lnshift.data_config"])["input_size"] == [3, 32, 32]
     saved = load_run(ln_run)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():

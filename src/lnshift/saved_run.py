@@ -6,6 +6,7 @@ another machine or GPU count load the same way.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from . import rundir as rd
+from .backbones.timm_backbone import TimmBackbone
 from .config import FitConfig
 from .data import ImageDataset, check_classes, make_transform
 from .data.device import to_device
@@ -110,15 +112,28 @@ def merged_state_dict(model: Classifier) -> dict[str, torch.Tensor]:
 
 
 def merge_run(path: str | Path, out: str | Path) -> Path:
-    """Write the tuned model as one plain safetensors state dict, preprocessing in its metadata."""
+    """Write the tuned model as one plain safetensors state dict; its metadata says how to rebuild it.
+
+    `lnshift.*`: the model as `lnshift fit` names it (`--model`, `--model-kwargs`, head), classes and
+    preprocessing (timm's `create_transform` keywords). A timm backbone with a linear head also gets
+    `timm.architecture` and `timm.kwargs`: `timm.create_model(architecture, **kwargs)` loads the state
+    dict as it is (constructor arguments that are classes, such as UNI2-h's SwiGLU layer, appear by name).
+    """
     saved = load_run(path, "cpu")
     model: nn.Module = saved.model
-    meta = {
+    meta: dict[str, Any] = {
         "lnshift.data_config": model.backbone.data_config,
         "lnshift.classes": saved.classes,
         "lnshift.model": saved.cfg.model,
+        "lnshift.model_kwargs": saved.cfg.model_kwargs,
+        "lnshift.head": saved.cfg.head,
         "lnshift.run": str(saved.run.path),
     }
+    backbone = model.backbone
+    if isinstance(backbone, TimmBackbone) and isinstance(model.head, LinearHead):
+        meta["timm.architecture"] = backbone.model.pretrained_cfg["architecture"]
+        kwargs = {**backbone.timm_kwargs, "num_classes": len(saved.classes)}
+        meta["timm.kwargs"] = json.dumps(kwargs, default=lambda obj: f"{obj.__module__}.{obj.__qualname__}")
     rd.write_tensors(out, merged_state_dict(saved.model), meta)
     return Path(out)
 

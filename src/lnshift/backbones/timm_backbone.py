@@ -83,9 +83,12 @@ class TimmBackbone(Backbone):
 
     family = "timm"
 
-    def __init__(self, model: nn.Module, name: str, **kwargs: Any) -> None:
+    def __init__(self, model: nn.Module, name: str, *, timm_kwargs: dict[str, Any], **kwargs: Any) -> None:
         super().__init__(model, name, **kwargs)
         self.class_token_only = reads_class_token(model)
+        # `model` is timm.create_model(model.pretrained_cfg["architecture"], **timm_kwargs, num_classes=0):
+        # what a merged state dict records so that plain timm can rebuild it
+        self.timm_kwargs = timm_kwargs
 
     def forward(self, x: Tensor) -> Tensor:
         if self.class_token_only and not self.model.grad_checkpointing:
@@ -176,6 +179,7 @@ def load_timm(
     return TimmBackbone(
         model,
         name,
+        timm_kwargs=kwargs,
         feature_dim=getattr(model, "head_hidden_size", None) or model.num_features,
         token_dim=model.num_features,
         data_config=merge_data_config(resolved, data_config, weights_config),
