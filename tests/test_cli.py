@@ -229,6 +229,31 @@ def test_rescale_auto_selects_on_validation_only(ln_run, tmp_path, monkeypatch):
     assert lam["selected_on"] == "val" and lam["lambda"] in (0, 1, 2)
 
 
+def test_rescale_by_a_given_lambda_scores_no_grid_unless_asked(ln_run, tmp_path, monkeypatch, capsys):
+    import lnshift.saved_run as sr
+
+    calls = []
+    real = sr.select_lambda
+    monkeypatch.setattr(sr, "select_lambda", lambda *a, **k: calls.append(k["grid"]) or real(*a, **k))
+    assert main(["rescale", str(ln_run), "--lambda", "1.5", "--out", str(tmp_path / "x1.5")]) == 0
+    assert calls == [] and "curve" not in json.loads((tmp_path / "x1.5" / rd.LAMBDA).read_text())
+    out = capsys.readouterr().out
+    assert "lambda 1.5 (given): val" in out and "best on validation" not in out
+    assert main(["rescale", str(ln_run), "--lambda", "1.5", "--grid", "0,1", "--out", str(tmp_path / "no")]) == 2
+    assert "--score-grid" in capsys.readouterr().err
+
+
+def test_rescale_table_tells_the_given_lambda_from_the_best_on_validation(ln_run, tmp_path, capsys):
+    args = ["rescale", str(ln_run), "--lambda", "1", "--score-grid", "--grid", "0,1,3", "--out", str(tmp_path / "x1")]
+    assert main(args) == 0
+    record = json.loads((tmp_path / "x1" / rd.LAMBDA).read_text())
+    assert record["lambda"] == 1 and record["selected_on"] == "given" and len(record["curve"]) == 3
+    rows = {float(line.split()[0]): line for line in capsys.readouterr().out.splitlines()[1:4]}
+    assert "<- given" in rows[1.0]
+    assert "best on validation" in rows[record["best_on_validation"]]
+    assert sum("best on validation" in line for line in rows.values()) == 1
+
+
 def test_fsr_oracle_between_runs(ln_run, tmp_path, capsys):
     ref = tmp_path / "ref"
     assert fit(ref, "--method", "ln", "--shots", "8", "--steps", "8") == 0  # more data, the same 8 steps

@@ -177,7 +177,12 @@ def _rescale_options(p: argparse.ArgumentParser) -> None:
         "(best on the validation split) or 'fsr' (1 / estimated FSR, after `lnshift fsr --estimate`)",
     )
     p.add_argument("--target", default="gamma", choices=["gamma", "beta", "both"], help="parameters to rescale")
-    p.add_argument("--grid", help="comma-separated lambdas for 'auto' (default: the run's --lambda-grid)")
+    p.add_argument("--grid", help="comma-separated lambdas scored on validation (default: the run's --lambda-grid)")
+    p.add_argument(
+        "--score-grid",
+        action="store_true",
+        help="with a number or 'fsr': also score the grid on validation, to compare (always done for 'auto')",
+    )
     p.add_argument("--out", help="new run directory to write (default: rescale the run in place)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
@@ -186,15 +191,33 @@ def _rescale_options(p: argparse.ArgumentParser) -> None:
 def cmd_rescale(args: argparse.Namespace) -> int:
     from .saved_run import rescale_run
 
-    result = rescale_run(args.run, args.lam, target=args.target, out=args.out, grid=args.grid, device=args.device)
-    print("lambda  val_acc")
-    for point in result["curve"]:
-        mark = "  <- chosen" if point["lambda"] == result["lambda"] else ""
-        print(f"{point['lambda']:>6g}  {point['accuracy']:.4f}{mark}")
-    tests = ", ".join(f"{k} {v['accuracy']:.4f}" for k, v in result["metrics"]["test"].items())
-    print(f"lambda {result['lambda']:g}: val {result['metrics']['val']['accuracy']:.4f}; test {tests}")
+    result = rescale_run(
+        args.run,
+        args.lam,
+        target=args.target,
+        out=args.out,
+        grid=args.grid,
+        score_grid=args.score_grid,
+        device=args.device,
+    )
+    print(rescale_table(result))
     print(f"run directory: {result['run']}")
     return 0
+
+
+def rescale_table(result: dict) -> str:
+    """The validation grid when scored, the applied lambda marked by how it was chosen, the best one on
+    validation marked apart when they differ; then the rescaled model's scores."""
+    how = {"given": "given", "val": "best on validation"}.get(result["selected_on"], "1 / FSR estimate")
+    lines = ["lambda  val_acc"] if result.get("curve") else []
+    for point in result.get("curve", []):
+        marks = [how] if point["lambda"] == result["lambda"] else []
+        if point["lambda"] == result["best_on_validation"] and how != "best on validation":
+            marks.append("best on validation")
+        lines.append(f"{point['lambda']:>6g}  {point['accuracy']:.4f}" + (f"  <- {', '.join(marks)}" if marks else ""))
+    tests = "".join(f"; test {k} {v['accuracy']:.4f}" for k, v in result["metrics"]["test"].items())
+    lines.append(f"lambda {result['lambda']:g} ({how}): val {result['metrics']['val']['accuracy']:.4f}{tests}")
+    return "\n".join(lines)
 
 
 def _fsr_options(p: argparse.ArgumentParser) -> None:

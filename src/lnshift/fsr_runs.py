@@ -43,14 +43,22 @@ def parse_fractions(text: str) -> list[float]:
     return values
 
 
-def sub_run(cfg: FitConfig, root: Path, fraction: float, seed: int, steps: int, echo: Callable | None) -> rd.RunDir:
-    """One nested-subset run on the parent's schedule; finished ones are reused, interrupted ones resumed."""
+def sub_run(
+    cfg: FitConfig, root: Path, fraction: float, seed: int, steps: int, echo: Callable | None, count: str
+) -> rd.RunDir:
+    """One nested-subset run on the parent's schedule; finished ones are reused, interrupted ones resumed.
+
+    `count` ("k/N") says which of the estimate's runs this is; the run shows the parent's progress bars.
+    """
     from .fit import fit  # fit uses this module for --lambda fsr
 
     out = root / SUBDIR / f"subset{fraction:g}-seed{seed}"
     run = rd.RunDir(out)
     done, started = dist.from_main(lambda: (run.done, out.exists()))
+    what = f"FSR estimate {count}: {fraction:g} of the training split (seed {seed})"
     if done:
+        if echo:
+            echo(f"{what}: finished before, reused")
         return run
     sub = dataclasses.replace(
         cfg,
@@ -65,10 +73,9 @@ def sub_run(cfg: FitConfig, root: Path, fraction: float, seed: int, steps: int, 
         out=str(out),
         resume=started,
         overwrite=False,
-        progress=False,
     )
     if echo:
-        echo(f"FSR estimate: tuning {fraction:g} of the training split (seed {seed}), {steps} steps")
+        echo(f"{what}: tuning, {steps} steps")
     return fit(sub, echo=None)
 
 
@@ -77,10 +84,10 @@ def estimate_fsr(
 ) -> dict[str, Any]:
     """FSR_est for the gamma and beta shifts of a run with `n_train` samples and shift `full_shift`."""
     points = [{"fraction": 1.0, "seed": None, "n": n_train, **_shift_sums(full_shift)}]
-    for fraction in parse_fractions(cfg.fsr_subsets):
-        for seed in range(cfg.fsr_seeds):
-            run = sub_run(cfg, root, fraction, seed, steps, echo)
-            points.append({"fraction": fraction, "seed": seed, **dist.from_main(partial(_point, run))})
+    todo = [(fraction, seed) for fraction in parse_fractions(cfg.fsr_subsets) for seed in range(cfg.fsr_seeds)]
+    for k, (fraction, seed) in enumerate(todo, 1):
+        run = sub_run(cfg, root, fraction, seed, steps, echo, f"{k}/{len(todo)}")
+        points.append({"fraction": fraction, "seed": seed, **dist.from_main(partial(_point, run))})
     ns = [p["n"] for p in points]
     gamma = extrapolate_shift(ns, [p["shift_gamma"] for p in points])
     beta = extrapolate_shift(ns, [p["shift_beta"] for p in points])

@@ -19,7 +19,7 @@ from .blockwise import batched_layernorms, repeat_blocks
 from .data.device import DeviceImages, eval_batches
 from .distributed import gather_rows
 from .errors import ConfigError
-from .evaluate import autocast
+from .evaluate import autocast, batches
 from .metrics import classification_metrics
 from .rundir import FSR_ESTIMATE, RunDir
 from .shift import rescale_batch
@@ -70,6 +70,7 @@ def grid_logits(
     device: torch.device,
     precision: str = "auto",
     target: str = "gamma",
+    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Logits (len(grid), N, classes) of every rescaled model, labels (N,), and the number of batched passes."""
     stacks = {k: v.to(device) for k, v in rescale_batch(base, tuned, norms, list(grid), target).items()}
@@ -78,8 +79,7 @@ def grid_logits(
     was_training = model.training
     model.eval()
     with batched_layernorms(model, norms, stacks, n), autocast(device, precision):
-        for x, y in loader:
-            x = x.to(device)
+        for x, y in batches(loader, device, f"lambda grid ({n} values)", progress):
             logits.append(model(repeat_blocks(x, n)).float().view(n, x.shape[0], -1).cpu())
             labels.append(y.cpu())
     model.train(was_training)
@@ -105,6 +105,7 @@ def select_lambda(
     target: str = "gamma",
     batch_size: int = 256,
     precision: str = "auto",
+    progress: bool = False,
 ) -> LambdaCurve:
     """Score the grid on the validation split and pick lambda; refuses any split but validation."""
     require_validation(val_dataset)
@@ -113,19 +114,27 @@ def select_lambda(
     per_pass = max(1, batch_size // len(grid))
     loader = eval_batches(val_dataset, per_pass)
     start = time.perf_counter()
-    logits, labels, passes = grid_logits(model, norms, base, tuned, grid, loader, device, precision, target)
+    logits, labels, passes = grid_logits(model, norms, base, tuned, grid, loader, device, precision, target, progress)
     logits, labels = gather_rows(logits.transpose(0, 1)).transpose(0, 1), gather_rows(labels)  # data-parallel
     metrics = [classification_metrics(lk.numpy(), labels.numpy(), num_classes) for lk in logits]
     seconds = time.perf_counter() - start
     return LambdaCurve(list(grid), metrics, choose(grid, metrics), target, VALIDATION, seconds, passes)
 
 
-def lambda_record(curve: LambdaCurve, lam: str, run: RunDir) -> dict:
-    """lambda.json content: the validation curve always; lambda from it ('auto'), given, or from FSR_est ('fsr')."""
-    record = curve.to_dict()
+def lambda_record(curve: LambdaCurve | None, lam: str, run: RunDir, target: str = "gamma") -> dict:
+    """lambda.json content: lambda from the validation curve ('auto'), given, or from FSR_est ('fsr'), and
+    the curve with its best value when one was scored (`target` is the curve's when there is one)."""
+    if curve is None:
+        if lam == "auto":
+            raise ConfigError("--lambda auto chooses on the validation grid: score it")
+        record: dict = {"lambda": None, "target": target}
+    else:
+        record = {**curve.to_dict(), "best_on_validation": curve.chosen}
     if lam == "fsr":
         record["lambda"] = run.read_json(FSR_ESTIMATE)["lambda"]
-        record["selected_on"] = "training data (FSR estimate); the validation curve is recorded, not used"
+        record["selected_on"] = "training data (FSR estimate)" + (
+            "; the validation curve is recorded, not used" if curve is not None else ""
+        )
     elif lam != "auto":
         try:
             record["lambda"] = float(lam)

@@ -21,7 +21,7 @@ from .backbones.timm_backbone import TimmBackbone
 from .config import FitConfig
 from .data import ImageDataset, check_classes, make_transform
 from .data.device import to_device
-from .errors import RunDirError
+from .errors import ConfigError, RunDirError
 from .evaluate import evaluate, resolve_device, uses_bf16
 from .fit import Images, build_model, evaluate_all, load_configured_backbone, loader, open_spec, resolve_pipeline
 from .fsr import FSRReport, oracle_fsr
@@ -188,14 +188,19 @@ def rescale_run(
     target: str = "gamma",
     out: str | Path | None = None,
     grid: str | None = None,
+    score_grid: bool = False,
     device: str = "auto",
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Rescale a run's LayerNorm shift by lambda (a number, 'auto' on validation, or 'fsr') into a new run.
 
     Lambda always applies to the fine-tuned values (finetuned.safetensors when the run was rescaled
     before), so rescaling twice never compounds and lambda = 1 restores the fine-tuned model exactly.
-    Without `out` the run is rescaled in place.
+    Without `out` the run is rescaled in place. The validation grid (`grid`, by default the run's
+    --lambda-grid) is scored for 'auto', and for a given or 'fsr' lambda only with `score_grid`.
     """
+    if grid is not None and lam != "auto" and not score_grid:
+        raise ConfigError(f"a grid is scored for --lambda auto or with --score-grid, not for --lambda {lam}")
     saved = load_run(path, device)
     norms = trained_norms(saved)
     if not norms:
@@ -205,19 +210,22 @@ def rescale_run(
     restore(model, finetuned)
     datasets = split_datasets(saved)
     n_classes = len(saved.classes)
-    curve = select_lambda(
-        model,
-        norms,
-        saved.base,
-        finetuned,
-        datasets["val"],
-        n_classes,
-        dev,
-        grid=parse_grid(grid or saved.cfg.lambda_grid),
-        target=target,
-        precision=saved.cfg.precision,
-    )
-    record = lambda_record(curve, lam, saved.run)
+    curve = None
+    if lam == "auto" or score_grid:
+        curve = select_lambda(
+            model,
+            norms,
+            saved.base,
+            finetuned,
+            datasets["val"],
+            n_classes,
+            dev,
+            grid=parse_grid(grid or saved.cfg.lambda_grid),
+            target=target,
+            precision=saved.cfg.precision,
+            progress=progress,
+        )
+    record = lambda_record(curve, lam, saved.run, target)
     record["source_run"] = str(saved.run.path)
     adapter = {**finetuned, **rescale(saved.base, finetuned, norms, record["lambda"], target)}
     restore(model, adapter)
@@ -234,10 +242,10 @@ def rescale_run(
     rd.write_json(dest / rd.SHIFT, layer_shift(saved.base, adapter, norms).to_dict())
     cfg = saved.cfg
     tests = {name.removeprefix("test:"): ds for name, ds in datasets.items() if name.startswith("test:")}
-    metrics = evaluate_all(model, datasets["val"], tests, n_classes, replace(cfg, progress=False), dev)
+    metrics = evaluate_all(model, datasets["val"], tests, n_classes, replace(cfg, progress=progress), dev)
     rd.write_json(dest / rd.METRICS, metrics)
     dest.mark_done()
-    return {"run": str(dest.path), "lambda": record["lambda"], "metrics": metrics, "curve": record["curve"]}
+    return {"run": str(dest.path), "metrics": metrics, **record}
 
 
 def run_budget(run: rd.RunDir) -> dict[str, Any]:

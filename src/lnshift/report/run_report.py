@@ -173,7 +173,9 @@ def lambda_section(choice: dict | None, figs: Figures) -> Section:
         ("criterion", choice.get("criterion")),
         (
             "cost of the curve",
-            f"{cost.get('seconds', '?')} s, {cost.get('batched_forward_passes', '?')} batched passes",
+            f"{cost.get('seconds', '?')} s, {cost.get('batched_forward_passes', '?')} batched passes"
+            if cost
+            else "no validation curve scored",
         ),
     ]
     parts = [key_values(rows)]
