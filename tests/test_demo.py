@@ -65,6 +65,21 @@ def test_demo_json_written(first):
     assert "torch" in saved["environment"]
 
 
+def test_fsr_estimate_counts_its_runs(first):
+    lines = first[2]
+    assert any(line.strip().startswith("FSR estimate 1/2: ") for line in lines)
+    assert any(line.strip().startswith("FSR estimate 2/2: ") for line in lines)
+
+
+def test_report_of_the_demo_directory(first):
+    """A demo directory is a small sweep: `lnshift report runs/demo` works."""
+    from lnshift.report import write_report
+
+    out, result, _ = first
+    page = write_report(out).read_text()
+    assert all(row["method"] in page for row in result["rows"]) and "sketch" in page
+
+
 def test_rerun_reuses_runs(first, monkeypatch):
     out, result, _ = first
     done = {p: p.stat().st_mtime_ns for p in out.rglob(rd.DONE)}

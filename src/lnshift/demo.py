@@ -27,6 +27,7 @@ from .saved_run import estimate_fsr_of_run, rescale_run
 ID_TEST = "photo"
 OOD_TESTS = ("cartoon", "sketch")
 RESULT = "demo.json"
+SWEEP_RESULTS = "results.json"  # the rows as a sweep's results.json, so `lnshift report DEMO_DIR` reads them
 LAMBDA_ON = {"auto": "val", "fsr": "fsr"}  # what each lambda rule looks at, for the table
 
 # Chosen by trying them on a 2-core CPU: at 60 steps of 16 images and lr 1e-2, LN fits the 56 training photos
@@ -90,7 +91,7 @@ def demo_config(root: Path, method: str, *, fast: bool, seed: int) -> FitConfig:
         select="last",  # every run keeps exactly `steps` steps, so shifts and the FSR estimate compare
         device="cpu",
         workers=0,  # decoded images are cached: worker processes would only compete for the cores
-        progress=False,
+        progress=not fast,
         out=str(root / method),
         **(FAST if fast else FULL),
     )
@@ -112,15 +113,15 @@ def train(cfg: FitConfig) -> bool:
     return True
 
 
-def rescaled(source: Path, lam: str, dest: Path) -> bool:
+def rescaled(source: Path, lam: str, dest: Path, say: Callable[[str], None], progress: bool) -> bool:
     """Rescale `source` into `dest` unless `dest` is finished and newer than `source`. True if it ran."""
     if rd.RunDir(dest).done and (dest / rd.DONE).stat().st_mtime >= (source / rd.DONE).stat().st_mtime:
         return False
     if dest.exists():  # unfinished, or made from an older source run: cheap to redo
         shutil.rmtree(dest)
     if lam == "fsr" and not (source / rd.FSR_ESTIMATE).exists():
-        estimate_fsr_of_run(source, echo=None)
-    rescale_run(source, lam, out=dest, device="cpu")
+        estimate_fsr_of_run(source, echo=lambda line: say(f"  {line}"))
+    rescale_run(source, lam, out=dest, device="cpu", progress=progress)
     return True
 
 
@@ -176,7 +177,7 @@ def run_demo(
             ran = train(cfg)
         else:
             say(f"[{i}/{len(VARIANTS)}] {variant.name}: lambda '{variant.lam}' on the {variant.method} run")
-            ran = rescaled(root / variant.method, variant.lam, root / variant.dirname)
+            ran = rescaled(root / variant.method, variant.lam, root / variant.dirname, say, progress=not fast)
         say(f"  {time.time() - tick:.0f} s" if ran else "  reused (finished before)")
     rows = [describe(v, root / v.dirname) for v in VARIANTS]  # after all runs: every ln row shows the FSR estimate
     result = {
@@ -193,9 +194,35 @@ def run_demo(
         "environment": environment(),
     }
     rd.write_json(root / RESULT, result)
+    rd.write_json(root / SWEEP_RESULTS, as_sweep(result))
     say(demo_table(result))
     say(f"run directories: {root}/<method>/ (metrics, shift, lambda and FSR files); all rows: {root / RESULT}")
     return result
+
+
+def as_sweep(result: dict[str, Any]) -> dict[str, Any]:
+    """The demo as a sweep of one dataset, regime and seed: results.json in docs/sweep.md's row format."""
+    shots, seed = result["config"]["settings"]["shots"], result["config"]["seed"]
+    rows = [
+        {
+            "id": row["method"],
+            "dataset": "pacs-mini-photo",
+            "method": row["method"],
+            "regime": f"shots{shots}",
+            "fraction": None,
+            "shots": shots,
+            "seed": seed,
+            "run": row["run"],
+            "lambda": row["lambda"],
+            "fsr_oracle": None,
+            "fsr_est": row["fsr_est"],
+            "val.accuracy": row["val"],
+            **{f"test.{name}.accuracy": accuracy for name, accuracy in row["test"].items()},
+        }
+        for row in result["rows"]
+    ]
+    done = {"cells": len(rows), "done": len(rows), "missing": []}
+    return {"sweep_file": "lnshift demo", "environment": result["environment"], **done, "rows": rows}
 
 
 def demo_table(result: dict[str, Any]) -> str:
