@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up a fresh virtual environment, install lnshift with its test extras, lint, and run the tests.
+# Set up a virtual environment (or reuse an existing one), install lnshift with its test extras, lint, and run the tests.
 # This is the README's test command and exactly what CI runs (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
