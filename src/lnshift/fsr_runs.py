@@ -75,7 +75,7 @@ def sub_run(
         overwrite=False,
     )
     if echo:
-        echo(f"{what}: tuning, {steps} steps")
+        echo(f"{what}: tuning, {sub.steps} steps")
     return fit(sub, echo=None)
 
 
