@@ -259,6 +259,51 @@ def test_sweep_searches_learning_rates_in_the_batched_pass(tmp_path, device, mon
     )
 
 
+def test_learning_rate_candidates_in_one_pass_are_the_runs_fit_makes(tmp_path, device):
+    """Candidates share their data and batches; each is still the run `fit` makes at its learning rate."""
+    from lnshift import sweep as sw
+    from lnshift.fit import fit
+    from lnshift.multirun import fit_batched
+
+    sweep = batched_sweep(tmp_path, ["ln"], device=device)
+    cell = sw.cells(sweep)[0]
+    cfgs = [replace(sweep.fit_config(cell), lr=lr, out=str(tmp_path / f"lr{lr}")) for lr in (0.01, 0.1)]
+    together = fit_batched(cfgs, torch.device(device))
+    for cfg, run in zip(cfgs, together, strict=True):
+        alone = fit(replace(cfg, out=str(tmp_path / f"fit{cfg.lr}")), echo=None)
+        a, b = (load_file(r.path / "adapter.safetensors") for r in (run, alone))
+        assert max_diff(a, b) < 1e-4, cfg.lr
+    a, b = (load_file(r.path / "adapter.safetensors") for r in together)
+    assert max_diff(a, b) > 1e-3
+
+
+def test_a_candidate_that_diverges_in_the_batched_pass_is_a_failed_candidate(tmp_path, monkeypatch):
+    from lnshift import multirun
+    from lnshift import rundir as rd
+    from lnshift import sweep as sw
+    from lnshift.fit import fit
+    from lnshift.search import SEARCH_JSON, candidate_config, candidates
+
+    real = multirun.train_runs
+
+    def nan_for_the_largest(model, starts, batch, cfg, device, lrs):
+        states = real(model, starts, batch, cfg, device, lrs)
+        return [
+            {k: t * float("nan") for k, t in s.items()} if lr == max(lrs) else s
+            for s, lr in zip(states, lrs, strict=True)
+        ]
+
+    monkeypatch.setattr(multirun, "train_runs", nan_for_the_largest)
+    sweep = batched_sweep(tmp_path, ["ln"])
+    cfg = replace(sweep.fit_config(sw.cells(sweep)[0]), search={"lr": [0.01, 0.1]})
+    runs = multirun.fit_batched([candidate_config(cfg, v) for v in candidates(cfg.search)], CPU, score_tests=False)
+    assert [r.done for r in runs] == [True, False] and "NonFiniteLossError" in (runs[1] / rd.FAILED).read_text()
+    monkeypatch.setattr("lnshift.search._fit", lambda *a, **k: pytest.fail("a candidate was trained again"))
+    fit(replace(cfg, resume=True), echo=None)  # as the sweep finishes a cell whose candidates are trained
+    result = json.loads((tmp_path / "s" / "runs" / sw.cells(sweep)[0].unit / SEARCH_JSON).read_text())
+    assert [c["status"] for c in result["candidates"]] == ["done", "failed"] and result["chosen"] == {"lr": 0.01}
+
+
 def test_a_run_trained_with_others_equals_it_trained_alone(tmp_path, device):
     from lnshift import sweep as sw
     from lnshift.multirun import fit_batched

@@ -340,7 +340,8 @@ def fit_batched(cfgs: Sequence[FitConfig], device: torch.device, *, score_tests:
     tuned: dict[int, dict[str, Tensor]] = {}
     for n, group in passes.items():
         order = _fit_order([datas[r].train for r in group], [cfgs[r] for r in group], plans[n])
-        states = train_runs(model, [starts[r] for r in group], order, budgets[n], device)
+        lrs = [cfgs[r].lr for r in group]
+        states = train_runs(model, [starts[r] for r in group], order, budgets[n], device, lrs)
         tuned.update(zip(group, states, strict=True))
     names = trained_names(plans[lengths[0]])
     phases = {
@@ -360,9 +361,14 @@ def fit_batched(cfgs: Sequence[FitConfig], device: torch.device, *, score_tests:
         rd.write_json(run / rd.SPLITS, data.splits)
         rd.write_tensors(run / rd.BASE, start, meta)
         log.info(f"trained in one batched pass with {len(batched['with']) - 1} other run(s): {BATCHED_HOW}")
+        runs.append(run)
+        if diverged([tuned[r]]):  # no DONE: a search records it as failed, a plain sweep cell trains it again
+            error = f"NonFiniteLossError: diverged to non-finite values at lr {cfg.lr:g} (lower --lr or check the data)"
+            rd.write_text(run / rd.FAILED, error + "\n")
+            log.info(error)
+            continue
         restore(model, tuned[r])
         write_outcome(run, model, names, norms, start, meta, data, cfg, device, log, phases[lengths[r]])
-        runs.append(run)
     return runs
 
 
@@ -414,14 +420,21 @@ def _check_batchable(cfgs: Sequence[FitConfig]) -> None:
 
 
 def _fit_order(trains: Sequence[DeviceImages], cfgs: Sequence[FitConfig], plans: Sequence[PhasePlan]) -> Batches:
-    """batch(step) giving each run the batches fit gives it: per phase, epochs seeded by (seed, phase, epoch)."""
+    """batch(step) giving each run the batches fit gives it: per phase, epochs seeded by (seed, phase, epoch).
+
+    Runs on the same images with the same seed (a learning-rate grid) get the same batches: each is drawn once.
+    """
     starts = [sum(p.steps for p in plans[:i]) for i in range(len(plans))]
-    streams: list[Iterator[tuple[Tensor, Tensor]]] = []
+    keys = [(id(x), cfg.seed) for x, cfg in zip(trains, cfgs, strict=True)]
+    first = {key: r for r, key in reversed(list(enumerate(keys)))}  # a run that draws each distinct stream
+    streams: dict[tuple[int, int], Iterator[tuple[Tensor, Tensor]]] = {}
 
     def batch(step: int) -> list[tuple[Tensor, Tensor]]:
         if step in starts:  # a phase begins: fit starts its epochs afresh
-            streams[:] = [_phase_stream(x, cfg, starts.index(step)) for x, cfg in zip(trains, cfgs, strict=True)]
-        return [next(s) for s in streams]
+            phase = starts.index(step)
+            streams.update({key: _phase_stream(trains[r], cfgs[r], phase) for key, r in first.items()})
+        drawn = {key: next(stream) for key, stream in streams.items()}
+        return [drawn[key] for key in keys]
 
     return batch
 
