@@ -27,7 +27,7 @@ def forbid(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a finished demo run was redone")
 
-    for name in ("fit", "rescale_run", "estimate_fsr_of_run"):
+    for name in ("fit", "fit_batched", "rescale_run", "estimate_fsr_of_run"):
         monkeypatch.setattr(demo, name, fail)
 
 
@@ -55,6 +55,24 @@ def test_lambdas_fsr_and_parameters_recorded(first):
         assert set(row["test"]) == {demo.ID_TEST, *demo.OOD_TESTS}
         assert row["ood"] == pytest.approx(sum(row["test"][k] for k in demo.OOD_TESTS) / len(demo.OOD_TESTS))
         assert row["n"]["train"] == 4 * 7  # 4 shots x 7 classes
+
+
+def test_learning_rates_are_chosen_on_validation_in_one_batched_pass(first):
+    out, result, _ = first
+    grid = demo.FAST["search"]["lr"]
+    for method in ("lp", "ln", "cyclic"):
+        search = json.loads((out / method / "search.json").read_text())
+        assert [c["values"]["lr"] for c in search["candidates"]] == grid
+        accuracies = [c["val"]["accuracy"] for c in search["candidates"]]
+        assert search["chosen"]["lr"] == grid[accuracies.index(max(accuracies))]
+        config = rd.RunDir(out / method / "search" / f"lr={grid[0]:g}").read_config()
+        assert len(config["batched"]["with"]) == len(grid)  # the candidates trained together
+    rows = {row["method"]: row for row in result["rows"]}
+    assert (
+        rows["ln+auto"]["lr"]
+        == rows["ln"]["lr"]
+        == json.loads((out / "ln" / "search.json").read_text())["chosen"]["lr"]
+    )
 
 
 def test_demo_json_written(first):
