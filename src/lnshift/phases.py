@@ -21,22 +21,28 @@ BUDGETS = {
 }
 
 # Each method's learning-rate grid for `--lr auto` (chosen on validation, docs/search.md) and the single
-# `--lr` used when none is given: the value chosen most often in the protocol with selection
-# (benchmarks/results/README.md). Tuning a few thousand gains and biases takes far larger steps than
-# tuning every weight, so the grids differ by method.
-_SMALL_SET_GRID = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+# `--lr` used when none is given. Tuning a few thousand gains and biases takes far larger steps than
+# tuning every weight, so the grids differ by method. Measured in the protocol with selection
+# (benchmarks/results/README.md; 2 PACS domains x 3 regimes x 3 seeds so far): LP chose across its
+# whole grid (0.1 most often); the LayerNorm methods and BitFit never chose 0.3 (it often diverged)
+# and often the smallest value, 3e-3, so their grid starts lower.
+_HEAD_GRID = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+_NORM_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 LR_GRID = {
-    "lp": _SMALL_SET_GRID,
-    "ln": _SMALL_SET_GRID,
-    "bitfit": _SMALL_SET_GRID,
-    "lp-ln": _SMALL_SET_GRID,
-    "cyclic": _SMALL_SET_GRID,
-    "cyclic-kx": _SMALL_SET_GRID,
+    "lp": _HEAD_GRID,
+    "ln": _NORM_GRID,
+    "bitfit": _NORM_GRID,
+    "lp-ln": _NORM_GRID,
+    "cyclic": _NORM_GRID,
+    "cyclic-kx": _NORM_GRID,
     "full": (3e-5, 1e-4, 3e-4, 1e-3, 3e-3),
     "lora": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
 }
-DEFAULT_LR = {"lp": 3e-2, "ln": 3e-2, "bitfit": 3e-2, "lp-ln": 3e-2, "cyclic": 3e-2, "full": 1e-3, "lora": 3e-3}
-DEFAULT_LR["cyclic-kx"] = DEFAULT_LR["cyclic"]  # the same phases; not measured on its own budget yet
+# the value chosen most often in that protocol (ties: the smaller)
+DEFAULT_LR = {
+    "lp": 1e-1, "ln": 3e-2, "bitfit": 1e-2, "lp-ln": 1e-2, "cyclic": 3e-3, "cyclic-kx": 3e-3, "full": 3e-4,
+    "lora": 1e-3,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
