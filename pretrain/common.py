@@ -298,12 +298,27 @@ def evaluate(model: nn.Module, x_u8: Tensor, y: Tensor, mean: Tensor, std: Tenso
     return correct.item() / len(y)
 
 
+def update_is_finite(loss: Tensor, grad_norm: Tensor, step: int, skipped: list[int]) -> bool:
+    """Whether this step's loss and gradient are finite; if not, the caller skips the update (as AMP's GradScaler
+    does) and the step is recorded, so one bad batch cannot turn every weight into NaN.
+
+    The first GPU run of the Tiny-ImageNet recipes (pretrain/README.md) went NaN in both trainers; this keeps a
+    run alive and says how often it happened. It costs one host sync per step."""
+    if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+        return True
+    skipped.append(step)
+    if len(skipped) <= 5:
+        print(f"step {step}: non-finite loss {loss.item()} or gradient norm {grad_norm.item()}; update skipped")
+    return False
+
+
 class StepTrainer(Protocol):
     """What `calibrate` and `train` need from a recipe's trainer."""
 
     device: torch.device
     compiled: bool
     n_train: int
+    skipped: list[int]
 
     def make_optimizer(self) -> torch.optim.Optimizer: ...
     def step(
@@ -333,10 +348,12 @@ class Trainer:
         self.forward: Callable[[Tensor], Tensor] = torch.compile(model) if compile_ else model
         self.augment = torch.compile(apply_aug) if compile_ else apply_aug
         self.initial = {k: v.clone() for k, v in model.state_dict().items()}
+        self.skipped: list[int] = []
 
     def reset(self) -> None:
         """Back to the seeded initial weights, after calibration."""
         self.model.load_state_dict(self.initial)
+        self.skipped.clear()
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         r = self.recipe
@@ -364,7 +381,10 @@ class Trainer:
         loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=1), dim=1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(self.model.parameters(), r.grad_clip)
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), r.grad_clip)
+        if not update_is_finite(loss, norm, step, self.skipped):
+            opt.zero_grad(set_to_none=True)
+            return torch.zeros_like(loss)
         lr = cosine(step, total, max(1, round(r.warmup_frac * total)), r.lr, r.min_lr)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -421,7 +441,7 @@ def calibrate(
     epoch_s = step_s * steps_per_epoch * 1.03  # per-epoch shuffle, logging and evals
     if not epochs:
         epochs = int(recipe.time_budget_s / epoch_s)
-        epochs = max(10, min(recipe.max_epochs, epochs - epochs % 10))
+        epochs = max(1, min(recipe.max_epochs, epochs - epochs % 10 if epochs >= 50 else epochs))
     print(f"calibration: {step_s * 1e3:.2f} ms/step, ~{epoch_s:.2f} s/epoch -> {epochs} epochs", flush=True)
     return epochs, step_s
 
@@ -470,6 +490,8 @@ def train(trainer: StepTrainer, recipe: Any, hard_stop_s: float) -> dict[str, An
         "epoch_time_s_median": epoch_times[len(epoch_times) // 2],
         "epochs_completed": len(log),
         "stopped_early": stopped_early,
+        "skipped_steps": len(trainer.skipped),
+        "first_skipped_steps": trainer.skipped[:20],
     }
 
 
