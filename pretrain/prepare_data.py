@@ -6,7 +6,7 @@ that header once and each file's remainder (scan header + entropy-coded data) as
 19 MB. Nothing is re-encoded: `read_entries` rebuilds every file byte for byte, and
 `content_sha256` gives the same digest whether it reads the zip or the pack.
 
-    python pretrain/prepare_data.py                     # /work/shared/data/cifar10.zip -> .data/cifar10_pack.npz
+    python pretrain/prepare_data.py                     # ../shared/data/cifar10.zip -> .data/cifar10_pack.npz
     python pretrain/prepare_data.py --zip X --out Y
 """
 
@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_ZIP = Path("/work/shared/data/cifar10.zip")
-DEFAULT_PACK = Path(__file__).resolve().parents[1] / ".data" / "cifar10_pack.npz"
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_ZIP = ROOT.parent / "shared" / "data" / "cifar10.zip"  # the data folder beside the repository
+DEFAULT_PACK = ROOT / ".data" / "cifar10_pack.npz"
 SOS = b"\xff\xda"  # start-of-scan marker: everything before it is the shared header
 
 
