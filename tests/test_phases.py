@@ -57,7 +57,7 @@ def test_fsr_sub_runs_of_cyclic_kx_train_the_runs_steps_per_phase(monkeypatch, t
     for method in ("cyclic", "cyclic-kx"):
         cfg = FitConfig(method=method, cycles=2, steps=12)
         total = sum(phase_steps(method, 2, 12))
-        sub_run(cfg, tmp_path, 0.5, 0, total, echo=None)
+        sub_run(cfg, tmp_path, 0.5, 0, total, None, "1/1")
         assert phase_steps(method, 2, seen[-1].steps) == phase_steps(method, 2, 12)
 
 
