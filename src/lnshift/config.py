@@ -45,6 +45,12 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class FitConfig:
+    """The options of one run, as `lnshift fit` takes them and its config.yaml records them.
+
+    Every field is an option `--field-name` of `lnshift fit` (`lam` is `--lambda`); `validate` checks them
+    together, and resolves the method's default lr and the built-in test sets.
+    """
+
     # backbone
     model: str = _opt(DEFAULT_MODEL, "timm name, hf-hub: name, hf:FOLDER, open_clip:ARCH or a registered short name")
     weights: str | None = _opt(None, "local weights file or folder for --model (no download)")
@@ -213,6 +219,11 @@ class FitConfig:
             raise ConfigError(f"{source}: unknown option(s) {unknown}")
         return cls(**data)
 
+
+# the Args section of help(FitConfig), from the same help texts as the options, so they cannot drift apart
+FitConfig.__doc__ = f"{FitConfig.__doc__}\n    Args:\n" + "".join(
+    f"        {f.name}: {f.metadata['help'].replace('%%', '%')}\n" for f in fields(FitConfig)
+)
 
 # fit options a search may try several values of, with the type of a value (docs/search.md)
 SEARCHABLE = {

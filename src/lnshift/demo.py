@@ -183,7 +183,14 @@ def describe(variant: Variant, path: Path) -> dict[str, Any]:
 def run_demo(
     out: str | Path = "runs/demo", *, fast: bool = False, seed: int = 0, echo: Callable[[str], None] | None = print
 ) -> dict[str, Any]:
-    """Train, rescale and score every variant into `out` (reusing finished runs); write and return demo.json."""
+    """Train, rescale and score every variant into `out` (reusing finished runs); write and return demo.json.
+
+    Args:
+        out: the folder for the demo's run directories (finished runs in it are reused).
+        fast: a seconds-long smoke version on a random tiny model, instead of minutes on the bundled one.
+        seed: the seed of every run.
+        echo: where progress lines and the table go; None for silence.
+    """
     say = echo or (lambda _: None)
     root = Path(out)
     start = time.time()

@@ -127,7 +127,11 @@ class Sweep:
 
 
 def load_sweep(path: str | Path) -> Sweep:
-    """Read and validate a sweep file; every error names the file and the key at fault."""
+    """Read and validate a sweep file; every error names the file and the key at fault.
+
+    Args:
+        path: the sweep YAML (datasets x methods x regimes x seeds; docs/sweep.md).
+    """
     path = Path(path)
     raw = load_yaml(path)
     text = path.read_text()
@@ -307,15 +311,23 @@ def run_sweep(
     """Run every unfinished cell (of one shard), then, without a shard, collect the results; returns OUT.
 
     A finished cell (DONE) is skipped, an interrupted training resumes from its checkpoint. A failing
-    unit does not stop the others; the failures are raised together at the end. With more than one
-    worker (`devices` GPUs x `per_device` processes each) the workers take units from a shared queue:
-    a small model leaves a GPU mostly idle, so several of its cells can share one. `datasets` limits the
-    run to those datasets' cells (the results tables still cover, and list as missing, every cell).
-    `batched` first trains the unfinished runs (or search candidates) of lp / ln / lp-ln / cyclic units
-    together, one batched pass per dataset and method (lnshift.multirun.fit_batched), in this process on
-    its device; the rest (other methods, finishing searches, rescaled variants) then runs as usual, on the
-    workers if there are any. `pool`: the
-    workers, already started (the CLI starts them before it imports torch); this function closes it.
+    unit does not stop the others; the failures are raised together at the end.
+
+    Args:
+        sweep: the grid, from `load_sweep`.
+        shard: (I, N): run only the I-th of N disjoint slices, and collect nothing.
+        echo: where progress lines go.
+        devices, per_device: with more than one worker (`devices` GPUs x `per_device` processes each)
+            the workers take units from a shared queue: a small model leaves a GPU mostly idle, so
+            several of its cells can share one.
+        datasets: run only these datasets' cells (the results tables still cover, and list as
+            missing, every cell).
+        batched: first train the unfinished runs (or search candidates) of lp / ln / lp-ln / cyclic
+            units together, one batched pass per dataset and method (lnshift.multirun.fit_batched), in
+            this process on its device; the rest (other methods, finishing searches, rescaled variants)
+            then runs as usual, on the workers if there are any.
+        pool: the workers, already started (the CLI starts them before it imports torch); this
+            function closes it.
     """
     try:
         workers = worker_count(devices, per_device)

@@ -23,7 +23,9 @@ SWEEP_RESULTS = "results.json"
 def write_report(path: str | Path, out: str | Path | None = None) -> Path:
     """Write `report.html` (and `figures/*.png`) for a run or sweep directory; returns the page's path.
 
-    `out` is the folder to write into, by default `path` itself.
+    Args:
+        path: a run directory, or a sweep's output folder (its results.json).
+        out: the folder to write into; None for `path` itself.
     """
     path = Path(path)
     folder = Path(out) if out is not None else path
