@@ -82,6 +82,24 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run directory written by `lnshift fit` (timm backbone, linear head, LayerNorms tuned)")
+    p.add_argument(
+        "--peft",
+        required=True,
+        metavar="DIR",
+        help="folder to write: a PEFT LN-tuning adapter that PeftModel.from_pretrained(timm_model, DIR) loads",
+    )
+
+
+@command("export", "write the tuned LayerNorms and head as a PEFT adapter for the plain timm model", _export_options)
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_peft
+
+    print(f"wrote {export_peft(args.run, args.peft)}")
+    return 0
+
+
 def _inspect_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", default=DEFAULT_MODEL, help=f"model name, as for `lnshift fit --model` (default: {DEFAULT_MODEL})"
