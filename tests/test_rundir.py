@@ -37,7 +37,7 @@ def test_prepare_refuses_existing_run(tmp_path):
     run = rd.RunDir(tmp_path / "r")
     run.prepare(resume=False, overwrite=False)
     (run / "config.yaml").write_text("x")
-    rd.save_torch(run / rd.CHECKPOINT / "state.pt", {})  # it trained: there is something to resume
+    rd.write_tensors(run / rd.CHECKPOINT_STATE, {}, {})  # it trained: there is something to resume
     with pytest.raises(RunDirError, match="unfinished run; pass --resume"):
         run.prepare(resume=False, overwrite=False)
     run.prepare(resume=True, overwrite=False)

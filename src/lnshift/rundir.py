@@ -38,6 +38,7 @@ CYCLES = "cycles.json"
 EVENTS = "events.jsonl"
 LOG = "train.log"
 CHECKPOINT = "checkpoint"
+CHECKPOINT_STATE = f"{CHECKPOINT}/state.safetensors"  # resume state: tensors + JSON metadata, nothing unpickled
 DONE = "DONE"
 FAILED = "FAILED"  # a run that diverged (a search records it as a failed candidate): the error, one line
 # all that a run writes before its first checkpoint
@@ -92,13 +93,9 @@ def write_yaml(path: str | Path, data: Any) -> None:
 
 def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
     """Safetensors with JSON-encoded metadata values (safetensors metadata must be str -> str)."""
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    meta = {k: v if isinstance(v, str) else json.dumps(v, default=_json_default) for k, v in metadata.items()}
     clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write(path, lambda p: save_file(clean, str(p), metadata=meta))
-
-
-def save_torch(path: str | Path, obj: Any) -> None:
-    atomic_write(path, lambda p: torch.save(obj, p))
 
 
 def _json_default(obj: Any) -> Any:
@@ -124,7 +121,7 @@ class RunDir:
 
     def never_trained(self) -> bool:
         """An unfinished run with nothing to resume: it stopped before its first checkpoint (a typo'd path, say)."""
-        if self.done or (self.path / CHECKPOINT / "state.pt").exists():
+        if self.done or (self.path / CHECKPOINT_STATE).exists():
             return False
         return all(p.name in STARTUP_FILES or p.name.endswith(".tmp") for p in self.path.iterdir())
 
