@@ -8,6 +8,7 @@ process runs the same code, but only rank 0 writes: the writes here are no-ops o
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import stat
@@ -43,6 +44,10 @@ DONE = "DONE"
 FAILED = "FAILED"  # a run that diverged (a search records it as a failed candidate): the error, one line
 # all that a run writes before its first checkpoint
 STARTUP_FILES = {CONFIG, EVENTS, LOG, SPLITS, BASE, CHECKPOINT, "tensorboard"}
+
+# every train.log line is also a record here (INFO, with the run directory as `record.run`): library
+# users route or silence lnshift's output with the logging configuration; train.log does not depend on it
+logger = logging.getLogger("lnshift")
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -191,6 +196,7 @@ class EventLog:
     def __init__(self, run: RunDir, echo: Callable[[str], None] | None = None, tensorboard: bool = False) -> None:
         self.events = run / EVENTS
         self.text = run / LOG
+        self.run = str(run.path)
         self.enabled = is_main()  # one log per run, kept by rank 0
         self.echo = echo
         self.writer = None
@@ -220,9 +226,11 @@ class EventLog:
             self.writer.flush()
 
     def info(self, message: str) -> None:
+        """A line of train.log, a record of the `lnshift` logger and, with `echo` (the CLI's print), the console."""
         if not self.enabled:
             return
         with open(self.text, "a") as fh:
             fh.write(f"{time.strftime('%H:%M:%S')} {message}\n")
+        logger.info(message, extra={"run": self.run})
         if self.echo:
             self.echo(message)
