@@ -292,6 +292,15 @@ def test_hf_missing_dependency(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
         load_backbone(f"hf:{tmp_path}")
 
 
+@pytest.mark.parametrize("fallback", [False, True])
+def test_hf_missing_folder_is_a_model_error_naming_it(tmp_path: Path, fallback: bool) -> None:
+    """Also when a model_type would let the architecture be built without the folder (registry-style kwargs)."""
+    missing = tmp_path / "missing"
+    kwargs = {"model_type": "vit"} if fallback else {}
+    with pytest.raises(ModelError, match=f"HF model folder not found: '{missing}'"):
+        load_backbone(f"hf:{missing}", pretrained=not fallback, model_kwargs=kwargs)
+
+
 # ---------------------------------------------------------------- open_clip
 
 

@@ -49,7 +49,7 @@ def test_run_directory_contract(ln_run):
     assert not set(splits["splits"]["train"]["indices"]) & set(splits["splits"]["val"]["indices"])
     config = (ln_run / rd.CONFIG).read_text()
     assert "torch:" in config and "timm:" in config and "seed: 0" in config
-    assert not (ln_run / rd.CHECKPOINT / "state.pt").exists()
+    assert not (ln_run / rd.CHECKPOINT_STATE).exists()
 
 
 def test_adapter_holds_only_layernorms_and_head(ln_run):

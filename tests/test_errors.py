@@ -71,6 +71,12 @@ def test_unknown_model_suggests_close_names(folder, capsys):
     assert "lnshift/vit-tiny-cifar10" in error_of(capsys)
 
 
+def test_missing_hf_folder_is_named(folder, capsys):
+    assert fit(folder, "--model", f"hf:{folder / 'no-model'}") == 2
+    err = error_of(capsys)
+    assert "HF model folder not found" in err and str(folder / "no-model") in err and "Traceback" not in err
+
+
 def test_mismatching_weights_name_the_keys(folder, tmp_path, capsys):
     import timm
     from safetensors.torch import save_file

@@ -1,5 +1,6 @@
 """A run killed with SIGKILL mid-training resumes with --resume and ends exactly like an uninterrupted run."""
 
+import math
 import os
 import signal
 import subprocess
@@ -10,6 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from lnshift import rundir as rd
+from lnshift.fit import load_resume_state, save_resume_state
+from lnshift.loop import PhaseState
 from tiny import TINY
 
 ARGS = [*TINY, "--shots", "6", "--batch-size", "6", "--epochs", "6", "--method", "lp-ln"]
@@ -24,7 +27,7 @@ def test_sigkill_during_training_then_resume(tmp_path):
     assert lnshift("--out", str(tmp_path / "whole")).wait() == 0
     cut = tmp_path / "cut"
     proc = lnshift("--out", str(cut))
-    checkpoint = cut / rd.CHECKPOINT / "state.pt"
+    checkpoint = cut / rd.CHECKPOINT_STATE
     deadline = time.time() + 300
     while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -40,3 +43,54 @@ def test_sigkill_during_training_then_resume(tmp_path):
     ma = rd.RunDir(tmp_path / "whole").read_json(rd.METRICS)
     mb = rd.RunDir(cut).read_json(rd.METRICS)
     assert ma == mb
+
+
+def adamw_pair(seed: int = 0) -> tuple[list[torch.nn.Parameter], torch.optim.AdamW]:
+    """Two parameters in two groups (as param_groups makes them), after two AdamW steps."""
+    torch.manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(2, 3))]
+    opt = torch.optim.AdamW([{"params": params[:1], "weight_decay": 0.0}, {"params": params[1:], "weight_decay": 0.1}])
+    for _ in range(2):
+        step(params, opt)
+    return params, opt
+
+
+def step(params: list[torch.nn.Parameter], opt: torch.optim.Optimizer) -> None:
+    opt.zero_grad()
+    (params[0].square().sum() + params[1].sin().sum()).backward()
+    opt.step()
+
+
+def test_checkpoint_is_safetensors_and_json_and_resumes_the_optimizer(tmp_path):
+    """The resume state loads with no unpickling, and AdamW continues from it exactly as without the break."""
+    params, opt = adamw_pair()
+    state = PhaseState(
+        epoch=2,
+        step=7,
+        best_score=(0.5, -math.inf),
+        best_epoch=1,
+        best_tensors={"head.weight": params[1].detach().clone()},
+        history=[{"phase": "a", "epoch": 1, "val_accuracy": 0.5}],
+        optimizer=opt.state_dict(),
+    )
+    run = rd.RunDir(tmp_path)
+    trained = {"norm.weight": params[0].detach().clone()}
+    save_resume_state(run, trained, [{"phase": "lp", "history": []}], state)
+    assert [p.name for p in (tmp_path / rd.CHECKPOINT).iterdir()] == ["state.safetensors"]  # no pickle written
+    tensors, done, loaded = load_resume_state(run)
+    assert done == [{"phase": "lp", "history": []}] and tensors.keys() == trained.keys()
+    assert torch.equal(tensors["norm.weight"], trained["norm.weight"])
+    assert (loaded.epoch, loaded.step, loaded.best_score, loaded.best_epoch) == (2, 7, (0.5, -math.inf), 1)
+    assert loaded.history == state.history and torch.equal(loaded.best_tensors["head.weight"], params[1].detach())
+
+    again, resumed = adamw_pair(seed=1)  # other values, then everything restored from the checkpoint
+    with torch.no_grad():
+        for p, q in zip(again, params, strict=True):
+            p.copy_(q)
+    resumed.load_state_dict(loaded.optimizer)
+    step(params, opt)
+    step(again, resumed)
+    assert all(torch.equal(p, q) for p, q in zip(params, again, strict=True))
+
+    save_resume_state(run, trained, [], None)  # between phases: no phase state
+    assert load_resume_state(run)[2] is None

@@ -1,5 +1,6 @@
 """Atomic writes and the run-directory policy (refuse, resume, overwrite)."""
 
+import logging
 import os
 import stat
 
@@ -37,7 +38,7 @@ def test_prepare_refuses_existing_run(tmp_path):
     run = rd.RunDir(tmp_path / "r")
     run.prepare(resume=False, overwrite=False)
     (run / "config.yaml").write_text("x")
-    rd.save_torch(run / rd.CHECKPOINT / "state.pt", {})  # it trained: there is something to resume
+    rd.write_tensors(run / rd.CHECKPOINT_STATE, {}, {})  # it trained: there is something to resume
     with pytest.raises(RunDirError, match="unfinished run; pass --resume"):
         run.prepare(resume=False, overwrite=False)
     run.prepare(resume=True, overwrite=False)
@@ -96,3 +97,20 @@ def test_atomic_writes_get_the_mode_of_a_plain_write(tmp_path, umask):
     (tmp_path / "new.json").chmod(0o640)  # rewriting a file keeps its mode, as open(path, "w") does
     rd.write_json(tmp_path / "new.json", {"a": 2})
     assert stat.S_IMODE((tmp_path / "new.json").stat().st_mode) == 0o640
+
+
+def test_log_lines_go_to_train_log_the_lnshift_logger_and_echo(tmp_path, caplog):
+    """Library users get the lines as logging records; train.log is written whatever logging's level."""
+    run, echoed = rd.RunDir(tmp_path), []
+    log = rd.EventLog(run, echoed.append)
+    with caplog.at_level(logging.INFO, logger="lnshift"):
+        log.info("phase ln: 10 steps")
+    assert [(r.name, r.levelno, r.getMessage(), r.run) for r in caplog.records] == [
+        ("lnshift", logging.INFO, "phase ln: 10 steps", str(tmp_path))
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lnshift"):
+        log.info("epoch 1")
+    assert not caplog.records and echoed == ["phase ln: 10 steps", "epoch 1"]
+    lines = (tmp_path / rd.LOG).read_text().splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == ["phase ln: 10 steps", "epoch 1"]

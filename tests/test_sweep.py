@@ -107,6 +107,13 @@ def test_summary_is_mean_and_std_over_seeds(done):
     )
 
 
+def test_summary_leaves_out_non_finite_values_and_has_no_std_for_one():
+    cell = {"dataset": "d", "method": "ln", "regime": "f1"}
+    rows = [{**cell, "seed": s, "acc": v, "loss": w} for s, v, w in [(0, 0.5, 1.0), (1, float("nan"), float("inf"))]]
+    stats = sw.summarize(rows)[0]["metrics"]
+    assert stats["acc"] == {"mean": 0.5, "std": None, "n": 1} and stats["loss"] == {"mean": 1.0, "std": None, "n": 1}
+
+
 def test_rerun_skips_finished_cells_and_resumes_the_rest(done, monkeypatch):
     calls = []
     real_fit, real_rescale = sw.fit, sw.rescale_run

@@ -425,27 +425,20 @@ def build(cfg: FitConfig, device: torch.device, run: rd.RunDir, log: rd.EventLog
 def train(t: Trainee, cfg: FitConfig, device: torch.device) -> list[dict[str, Any]]:
     """Run the phases not yet done (resuming from the checkpoint); returns each phase's record (cycles.json)."""
     model, data, names = t.model, t.data, t.names
-    ckpt_path = t.run / rd.CHECKPOINT / "state.pt"
     done_phases: list[dict] = []
     resume_state: PhaseState | None = None
 
-    def load_checkpoint() -> dict | None:  # rank 0 reads, every rank restores
-        return (
-            torch.load(ckpt_path, map_location="cpu", weights_only=False) if cfg.resume and ckpt_path.exists() else None
-        )
+    def save_checkpoint(state: PhaseState | None) -> None:
+        save_resume_state(t.run, snapshot(model, names), done_phases, state)
 
-    ckpt = dist.from_main(load_checkpoint)
+    ckpt = dist.from_main(lambda: load_resume_state(t.run) if cfg.resume else None)  # rank 0 reads, all restore
     if ckpt is not None:
-        restore(model, ckpt["tensors"])
-        done_phases, resume_state = ckpt["done_phases"], ckpt["state"]
+        tensors, done_phases, resume_state = ckpt
+        restore(model, tensors)
         t.log.info(f"resuming after phase {len(done_phases)} epoch {resume_state.epoch if resume_state else 0}")
 
     validate = partial(evaluate, model, loader(data.val, cfg, train=False), len(data.classes), device, cfg.precision)
     for plan in t.plans[len(done_phases) :]:
-
-        def save_checkpoint(state: PhaseState, plan: PhasePlan = plan) -> None:
-            rd.save_torch(ckpt_path, {"tensors": snapshot(model, names), "done_phases": done_phases, "state": state})
-
         state = run_phase(
             model,
             plan,
@@ -466,8 +459,28 @@ def train(t: Trainee, cfg: FitConfig, device: torch.device) -> list[dict[str, An
             record["lambda"] = apply_lambda(model, cfg, t.norms, t.base, names, data, device)["lambda"]
             record["val_after_lambda"] = validate()["accuracy"]
         done_phases.append(record)
-        rd.save_torch(ckpt_path, {"tensors": snapshot(model, names), "done_phases": done_phases, "state": None})
+        save_checkpoint(None)
     return done_phases
+
+
+def save_resume_state(
+    run: rd.RunDir, tensors: dict[str, torch.Tensor], done_phases: list[dict], state: PhaseState | None
+) -> None:
+    """The checkpoint as one safetensors file with JSON metadata: atomic, and loading it runs no pickled code."""
+    packed, record = state.pack() if state is not None else ({}, None)
+    model = {f"model/{n}": t for n, t in tensors.items()}
+    rd.write_tensors(run / rd.CHECKPOINT_STATE, {**model, **packed}, {"done_phases": done_phases, "state": record})
+
+
+def load_resume_state(run: rd.RunDir) -> tuple[dict[str, torch.Tensor], list[dict], PhaseState | None] | None:
+    """The trained tensors, finished phases' records and the unfinished phase's state; None with no checkpoint."""
+    if not (run / rd.CHECKPOINT_STATE).exists():
+        return None
+    tensors, meta = run.read_tensors(rd.CHECKPOINT_STATE)
+    model = {n.removeprefix("model/"): t for n, t in tensors.items() if n.startswith("model/")}
+    rest = {n: t for n, t in tensors.items() if not n.startswith("model/")}
+    state = None if meta["state"] is None else PhaseState.unpack(rest, meta["state"])
+    return model, meta["done_phases"], state
 
 
 def finish(t: Trainee, cfg: FitConfig, device: torch.device, phases: list[dict[str, Any]], score_tests: bool) -> None:
@@ -516,7 +529,7 @@ def write_outcome(
     rd.write_json(run / rd.METRICS, metrics)
     log.info("metrics: " + summarize(metrics))
     if dist.is_main():
-        (run / rd.CHECKPOINT / "state.pt").unlink(missing_ok=True)
+        (run / rd.CHECKPOINT_STATE).unlink(missing_ok=True)
     log.event("done")
     run.mark_done()
 

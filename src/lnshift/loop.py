@@ -53,6 +53,49 @@ class PhaseState:
     history: list[dict[str, Any]] = field(default_factory=list)
     optimizer: dict | None = None
 
+    def pack(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors and a JSON-able rest: a checkpoint that loads without unpickling (running) anything.
+
+        Tensors are named `best/<parameter>` and `optimizer/<index>/<key>` (AdamW's per-parameter
+        state is all tensors); the optimizer's param_groups are plain numbers and go to JSON.
+        """
+        tensors = {f"best/{n}": t for n, t in (self.best_tensors or {}).items()}
+        for index, values in (self.optimizer or {}).get("state", {}).items():
+            tensors.update({f"optimizer/{index}/{key}": t for key, t in values.items()})
+        record = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "has_best": self.best_tensors is not None,
+            "history": self.history,
+            "param_groups": None if self.optimizer is None else self.optimizer["param_groups"],
+        }
+        return tensors, record
+
+    @classmethod
+    def unpack(cls, tensors: Mapping[str, torch.Tensor], record: dict[str, Any]) -> PhaseState:
+        """The state `pack` stored; JSON's lists become the tuple and int keys the code compares and looks up."""
+        best = {n.removeprefix("best/"): t for n, t in tensors.items() if n.startswith("best/")}
+        optimizer = None
+        if record["param_groups"] is not None:
+            state: dict[int, dict[str, torch.Tensor]] = {}
+            for name, t in tensors.items():
+                if name.startswith("optimizer/"):
+                    _, index, key = name.split("/", 2)
+                    state.setdefault(int(index), {})[key] = t
+            optimizer = {"state": state, "param_groups": record["param_groups"]}
+        score = record["best_score"]
+        return cls(
+            epoch=record["epoch"],
+            step=record["step"],
+            best_score=None if score is None else (score[0], score[1]),
+            best_epoch=record["best_epoch"],
+            best_tensors=best if record["has_best"] else None,
+            history=record["history"],
+            optimizer=optimizer,
+        )
+
 
 def set_trainable(model: nn.Module, names: list[str]) -> list[nn.Parameter]:
     """Freeze everything, then unfreeze exactly `names` (in that order)."""

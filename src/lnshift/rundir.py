@@ -8,6 +8,7 @@ process runs the same code, but only rank 0 writes: the writes here are no-ops o
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import stat
@@ -38,10 +39,15 @@ CYCLES = "cycles.json"
 EVENTS = "events.jsonl"
 LOG = "train.log"
 CHECKPOINT = "checkpoint"
+CHECKPOINT_STATE = f"{CHECKPOINT}/state.safetensors"  # resume state: tensors + JSON metadata, nothing unpickled
 DONE = "DONE"
 FAILED = "FAILED"  # a run that diverged (a search records it as a failed candidate): the error, one line
 # all that a run writes before its first checkpoint
 STARTUP_FILES = {CONFIG, EVENTS, LOG, SPLITS, BASE, CHECKPOINT, "tensorboard"}
+
+# every train.log line is also a record here (INFO, with the run directory as `record.run`): library
+# users route or silence lnshift's output with the logging configuration; train.log does not depend on it
+logger = logging.getLogger("lnshift")
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -92,13 +98,9 @@ def write_yaml(path: str | Path, data: Any) -> None:
 
 def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
     """Safetensors with JSON-encoded metadata values (safetensors metadata must be str -> str)."""
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    meta = {k: v if isinstance(v, str) else json.dumps(v, default=_json_default) for k, v in metadata.items()}
     clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write(path, lambda p: save_file(clean, str(p), metadata=meta))
-
-
-def save_torch(path: str | Path, obj: Any) -> None:
-    atomic_write(path, lambda p: torch.save(obj, p))
 
 
 def _json_default(obj: Any) -> Any:
@@ -124,7 +126,7 @@ class RunDir:
 
     def never_trained(self) -> bool:
         """An unfinished run with nothing to resume: it stopped before its first checkpoint (a typo'd path, say)."""
-        if self.done or (self.path / CHECKPOINT / "state.pt").exists():
+        if self.done or (self.path / CHECKPOINT_STATE).exists():
             return False
         return all(p.name in STARTUP_FILES or p.name.endswith(".tmp") for p in self.path.iterdir())
 
@@ -194,6 +196,7 @@ class EventLog:
     def __init__(self, run: RunDir, echo: Callable[[str], None] | None = None, tensorboard: bool = False) -> None:
         self.events = run / EVENTS
         self.text = run / LOG
+        self.run = str(run.path)
         self.enabled = is_main()  # one log per run, kept by rank 0
         self.echo = echo
         self.writer = None
@@ -223,9 +226,11 @@ class EventLog:
             self.writer.flush()
 
     def info(self, message: str) -> None:
+        """A line of train.log, a record of the `lnshift` logger and, with `echo` (the CLI's print), the console."""
         if not self.enabled:
             return
         with open(self.text, "a") as fh:
             fh.write(f"{time.strftime('%H:%M:%S')} {message}\n")
+        logger.info(message, extra={"run": self.run})
         if self.echo:
             self.echo(message)

@@ -17,7 +17,6 @@ import json
 import math
 import re
 import shutil
-import statistics
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -600,7 +599,9 @@ def _is_number(value: Any) -> bool:
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean, sample std (None for one seed) and count per (dataset, method, regime); NaN and None are left out."""
+    """Mean, sample std (None for one seed) and count per (dataset, method, regime); NaN, inf and None are left out."""
+    from .report.stats import mean_std  # here: the report package imports matplotlib
+
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["dataset"], row["method"], row["regime"]), []).append(row)
@@ -608,10 +609,10 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (dataset, method, regime), members in groups.items():
         stats = {}
         for key in keys:
-            values = [r[key] for r in members if _is_number(r.get(key)) and not math.isnan(r[key])]
+            values = [r[key] for r in members if _is_number(r.get(key)) and math.isfinite(r[key])]
             if values:
-                std = statistics.stdev(values) if len(values) > 1 else None
-                stats[key] = {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+                mean, std = mean_std(values)
+                stats[key] = {"mean": mean, "std": None if math.isnan(std) else std, "n": len(values)}
         out.append(
             {
                 "dataset": dataset,

@@ -112,6 +112,18 @@ def _import_transformers() -> Any:
     return transformers
 
 
+def _check_source(path: str) -> None:
+    """A folder that is not there fails here, naming it, not deep in the hub client as a malformed repo id."""
+    if Path(path).is_dir():
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        raise ModelError(f"HF model folder not found: {path!r} (nor is it a hub repo id, namespace/name)") from None
+
+
 def _local_file(path: str, filename: str) -> Path | None:
     """`filename` of a local folder, or of a hub repo if it is in the local cache (never downloads)."""
     if Path(path).is_dir():
@@ -171,6 +183,7 @@ def load_hf(
     `model_kwargs` alone when `path` is not available locally, so `weights` work fully offline.
     """
     transformers = _import_transformers()
+    _check_source(path)
     kwargs = dict(model_kwargs or {})
     fallback_type = kwargs.pop("model_type", None)
     try:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.stats import wilcoxon
+from scipy.stats import bootstrap, wilcoxon
 
 N_BOOT = 10_000
 LEVEL = 0.95
@@ -36,18 +36,22 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 def bootstrap_ci(
     values: Sequence[float], level: float = LEVEL, n_boot: int = N_BOOT, seed: int = 0
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean; seeded, so a report is the same every time it is built.
+    """Percentile bootstrap interval of the mean (scipy); seeded, so a report is the same every time it is built.
 
-    With one value the interval is that value; with none it is (nan, nan).
+    With one value the interval is that value (scipy needs two); with none it is (nan, nan).
     """
     x = _array(values)
-    if x.size == 0:
-        return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
-    tail = (1 - level) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
-    return float(low), float(high)
+    if x.size < 2:
+        return (float(x[0]), float(x[0])) if x.size else (math.nan, math.nan)
+    ci = bootstrap(
+        (x,),
+        np.mean,
+        confidence_level=level,
+        n_resamples=n_boot,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    ).confidence_interval
+    return float(ci.low), float(ci.high)
 
 
 @dataclass
