@@ -25,10 +25,10 @@ import torch
 from . import rundir as rd
 from .config import BUILTIN_DATA, FitConfig, environment
 from .errors import ConfigError
-from .fit import RESUME_FREE, fit
+from .fit import changed_options, fit
 from .multirun import fit_batched
 from .saved_run import estimate_fsr_of_run, rescale_run
-from .search import candidate_config, candidates
+from .search import pending_candidates
 
 ID_TEST = "photo"
 OOD_TESTS = ("cartoon", "sketch")
@@ -110,9 +110,7 @@ def train(cfg: FitConfig) -> bool:
     run = rd.RunDir(cfg.out)
     started = run.path.is_dir() and any(run.path.iterdir())
     if started and (run / rd.CONFIG).exists():
-        saved = run.read_config().get("fit", {})
-        free = RESUME_FREE | {"out"} | set(cfg.search)  # a search saves the value it chose
-        differ = sorted(k for k, v in cfg.to_dict().items() if k not in free and saved.get(k) != v)
+        differ = changed_options(run, cfg)
         if differ:
             raise ConfigError(f"{run.path} holds a run with other options {differ}; choose another --out")
     if run.done:
@@ -123,7 +121,7 @@ def train(cfg: FitConfig) -> bool:
 
 def train_candidates(cfg: FitConfig, say: Callable[[str], None]) -> bool:
     """The unfinished learning-rate candidates of a method, in one batched pass. True if any trained."""
-    todo = [c for c in (candidate_config(cfg, v) for v in candidates(cfg.search)) if not rd.RunDir(c.out).done]
+    todo = pending_candidates(cfg)
     if not todo:
         return False
     say(f"  {len(todo)} learning rates ({', '.join(f'{c.lr:g}' for c in todo)}) in one batched pass")

@@ -66,6 +66,13 @@ def candidate_config(cfg: FitConfig, values: dict[str, Any]) -> FitConfig:
     )
 
 
+def pending_candidates(cfg: FitConfig) -> list[FitConfig]:
+    """The candidates of a search still to train: neither finished nor failed (for a batched pass; the search
+    itself then finds them done and finishes the chosen one)."""
+    todo = [candidate_config(cfg, values) for values in candidates(cfg.search)]
+    return [c for c in todo if not rd.RunDir(c.out).done and not (Path(c.out) / rd.FAILED).exists()]
+
+
 def best(records: list[dict[str, Any]], metric: str) -> int | None:
     """Index of the best finished candidate by its validation `metric`; ties go to the earliest (smaller values)."""
     sign = 1.0 if SELECT_METRICS[metric] else -1.0

@@ -33,7 +33,7 @@ from .evaluate import resolve_device
 from .fit import changed_options, fit
 from .phases import METHODS
 from .saved_run import estimate_fsr_of_run, fsr_of_run, rescale_run, run_budget
-from .search import SEARCH_JSON, candidate_config, candidates
+from .search import SEARCH_JSON, candidates, pending_candidates
 from .workers import WorkerPool, worker_count
 
 TOP_KEYS = ("out", "base", "datasets", "methods", "regimes", "seeds")
@@ -427,16 +427,8 @@ def _train_batched(sweep: Sweep, jobs: list[Job], echo: Callable[[str], None]) -
 
 
 def _to_train(cfg: FitConfig) -> list[FitConfig]:
-    """What a batched pass trains for a unit: its run, or the unfinished candidates of its search (the unit's
-    own `fit` then finds them done and finishes the chosen one)."""
-    if not cfg.search:
-        return [cfg]
-    todo = []
-    for values in candidates(cfg.search):
-        cand = candidate_config(cfg, values)
-        if not rd.RunDir(cand.out).done and not (Path(cand.out) / rd.FAILED).exists():
-            todo.append(cand)
-    return todo
+    """What a batched pass trains for a unit: its run, or the pending candidates of its search."""
+    return pending_candidates(cfg) if cfg.search else [cfg]
 
 
 def heaviest_first(jobs: list[Job]) -> list[Job]:
