@@ -234,6 +234,18 @@ def test_datasets_option_runs_only_those_cells(tmp_path, monkeypatch):
         sw.run_sweep(sweep, echo=quiet, datasets=["nope"])
 
 
+def test_methods_option_runs_only_those_cells(tmp_path, monkeypatch):
+    data = spec(tmp_path / "out")
+    data["methods"], data["regimes"], data["seeds"] = ["lp", "ln", "ln+auto"], [{"shots": 2}], [0]
+    sweep = sw.load_sweep(write(tmp_path / "s.yaml", data))
+    trained = []
+    monkeypatch.setattr(sw, "_run_unit", lambda sweep, unit, *a: trained.append(unit))
+    sw.run_sweep(sweep, echo=quiet, methods=["ln+auto"])
+    assert trained == ["mini/ln/shots2/s0"]  # the variant's unit trains its base run
+    with pytest.raises(ConfigError, match="--methods full: not in"):
+        sw.run_sweep(sweep, echo=quiet, methods=["full"])
+
+
 def test_the_worker_queue_starts_with_the_units_that_estimate_fsr(tmp_path):
     data = spec(tmp_path / "out")
     data["methods"] = ["lp", "ln", "ln+fsr"]

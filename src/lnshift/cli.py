@@ -289,6 +289,7 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
         help="worker processes per GPU (default: 1); small models leave a GPU idle, so K > 1 shares it",
     )
     p.add_argument("--datasets", metavar="A,B", help="run only these datasets' cells (default: all)")
+    p.add_argument("--methods", metavar="A,B", help="run only these methods' cells (default: all)")
     p.add_argument(
         "--batched",
         action="store_true",
@@ -310,14 +311,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
         sweep = load_sweep(args.file)
         if args.collect:
-            if args.devices != 1 or args.per_device != 1 or args.datasets or args.batched:
+            if args.devices != 1 or args.per_device != 1 or args.datasets or args.methods or args.batched:
                 raise ConfigError(
-                    "--collect trains nothing; it takes no --devices, --per-device, --datasets or --batched"
+                    "--collect trains nothing; it takes no --devices, --per-device, --datasets, --methods or --batched"
                 )
             collect(sweep)
             return 0
         shard = parse_shard(args.shard) if args.shard else None
         datasets = args.datasets.split(",") if args.datasets else None
+        methods = args.methods.split(",") if args.methods else None
     except BaseException:
         if pool is not None:
             pool.close()
@@ -330,6 +332,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         datasets=datasets,
         batched=args.batched,
         pool=pool,
+        methods=methods,
     )
     return 0
 

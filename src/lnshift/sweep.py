@@ -306,6 +306,7 @@ def run_sweep(
     datasets: list[str] | None = None,
     batched: bool = False,
     pool: WorkerPool | None = None,
+    methods: list[str] | None = None,
 ) -> Path:
     """Run every unfinished cell (of one shard), then, without a shard, collect the results; returns OUT.
 
@@ -321,6 +322,8 @@ def run_sweep(
             several of its cells can share one.
         datasets: run only these datasets' cells (the results tables still cover, and list as
             missing, every cell).
+        methods: run only these methods' cells, as `datasets` does (a rescaled variant such as
+            `ln+auto` trains its base run if that is not finished).
         batched: first train the unfinished runs (or search candidates) of lp / ln / lp-ln / cyclic
             units together, one batched pass per dataset and method (lnshift.multirun.fit_batched), in
             this process on its device; the rest (other methods, finishing searches, rescaled variants)
@@ -332,7 +335,7 @@ def run_sweep(
         workers = worker_count(devices, per_device)
         if pool is None and workers > 1:
             pool = WorkerPool(devices, per_device)
-        return _run_sweep(sweep, shard, echo, datasets, batched, pool)
+        return _run_sweep(sweep, shard, echo, datasets, batched, pool, methods)
     finally:
         if pool is not None:
             pool.close()
@@ -345,16 +348,17 @@ def _run_sweep(
     datasets: list[str] | None,
     batched: bool,
     pool: WorkerPool | None,
+    methods: list[str] | None = None,
 ) -> Path:
     rd.write_text(sweep.out / SWEEP_COPY, sweep.text)
     todo = cells(sweep) if shard is None else shard_cells(cells(sweep), shard)
-    if datasets is not None:
-        unknown = sorted(set(datasets) - set(sweep.datasets))
+    for option, chosen, known in [("datasets", datasets, list(sweep.datasets)), ("methods", methods, sweep.methods)]:
+        if chosen is None:
+            continue
+        unknown = sorted(set(chosen) - set(known))
         if unknown:
-            raise ConfigError(
-                f"--datasets {','.join(unknown)}: not in {sweep.path} (it has {', '.join(sweep.datasets)})"
-            )
-        todo = [c for c in todo if c.dataset in datasets]
+            raise ConfigError(f"--{option} {','.join(unknown)}: not in {sweep.path} (it has {', '.join(known)})")
+        todo = [c for c in todo if (c.dataset if option == "datasets" else c.method) in chosen]
     units: dict[str, list[Cell]] = {}
     for cell in todo:
         units.setdefault(cell.unit, []).append(cell)
