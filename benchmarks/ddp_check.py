@@ -46,8 +46,8 @@ FULL = {
     "train_per_class": 1024,  # 8192 images: 32 steps of 256 per epoch
     "batch_size": 256,
     "epochs": 4,
-    # 12 units of 4-16 s on one H200 (lp is forward-only): long enough that the ~5 s the spawned workers
-    # take to start (import torch, CUDA context) does not decide the sweep's speed-up
+    # 12 units of several seconds each (lp is forward-only): long enough that the spawned workers' start-up
+    # (import torch, CUDA context) does not decide the sweep's speed-up (times: results/README.md)
     "sweep_steps": 400,
     "sweep_methods": ["lp", "ln", "lp-ln"],
     "sweep_seeds": [0, 1, 2, 3],

@@ -253,9 +253,9 @@ def print_profile(step: Callable[[], object], device: torch.device, steps: int =
 
     On a GPU the profile starts with a spin kernel (left out of every figure) so that the host has
     queued the first step's kernels before they run, as in steady training: started on an idle GPU,
-    the first step idled ~2.9 ms between kernels against ~0.9 in later ones (ViT-B/16, an H200).
-    After the idle moment a power-capped GPU clocks higher for a while, so the profiled steps can
-    run a few percent faster than the timed ones (3-4 % on an H200): read shares, not totals.
+    the first step idled several times longer between kernels than later ones. After the idle moment
+    a power-capped GPU clocks higher for a while, so the profiled steps can run a few percent faster
+    than the timed ones (results/README.md, "Profiles of steady steps"): read shares, not totals.
     """
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":

@@ -3,7 +3,7 @@ cores each, taking whole units from one queue.
 
 This module imports no torch, so the CLI starts the pool before it loads the heavy modules itself:
 the workers import lnshift while the parent does instead of after it, which was most of the extra
-start-up of a sweep over 2 GPUs against one (about 10 s on the H200 host).
+start-up of a sweep over 2 GPUs against one (benchmarks/results/README.md, "Data parallelism").
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Each program loads its table into registers once and looks its inputs up with `tl.gather`
 (through shared memory); the few inputs outside the table follow the rules `gelu_table` states.
-Per element they still execute a few dozen instructions, so the block size matters: on an H200 a
-program of 8,192 elements (8 warps) was the fastest of those tried (persistent grids were not
-faster), at 3.8 / 4.2 TB/s forward / backward against a copy's 4.2.
+Per element they still execute a few dozen instructions, so the block size matters: a program of
+8,192 elements (8 warps) was the fastest of those tried (persistent grids were not faster; rates in
+benchmarks/results/README.md).
 """
 
 from __future__ import annotations

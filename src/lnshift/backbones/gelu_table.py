@@ -2,8 +2,8 @@
 
 Why: in LayerNorm tuning of a ViT nearly all weights are frozen, so after the matrix products the
 step's largest cost was the MLP's GELU and its backward, evaluated with erf and exp on every element
-of the widest activation (14 % of a ViT-B/16 step on an H200, limited by that arithmetic, not by
-memory). A bf16 input has only 65,536 values. Outside 2**-9 <= |x| < 16 (2**-26 <= |x| < 16 for
+of the widest activation (limited by that arithmetic, not by memory; benchmarks/results/README.md).
+A bf16 input has only 65,536 values. Outside 2**-9 <= |x| < 16 (2**-26 <= |x| < 16 for
 the slope) GELU and its slope follow fixed rules (x / 2 and 1/2 below; x or -0 and 1 or 0 above),
 and the 3,328 (7,680) values in between are computed once in float64 and rounded once: to bf16 for
 GELU, so it is correctly rounded (torch's float32 GELU differs on 200 inputs), and to float32 for

@@ -1,9 +1,9 @@
 """Patch embeddings (a Conv2d whose kernel equals its stride) run as one matrix product.
 
 A ViT's patch embedding is a strided convolution over 3 input channels. cuDNN runs it with a generic
-kernel and layout conversions: for 256 ViT-B/16 images on an H200 it took 2.2 ms, 25x the 0.09 ms of
-the same work as one GEMM, and 4 % of a compiled LayerNorm-tuning step (~10 % of an evaluation
-step). Cutting the image into patches and multiplying by the flattened kernel is the same linear map
+kernel and layout conversions, many times slower than the same work as one GEMM (the figures are in
+benchmarks/results/README.md, "What each fast path saves"). Cutting the image into patches and
+multiplying by the flattened kernel is the same linear map
 (only the summation order differs), keeps the conv's parameters and state-dict keys, and works in
 every backbone family because it swaps the class of the Conv2d modules in place.
 """

@@ -35,7 +35,7 @@ def attention(attn: nn.Module, x: Tensor, class_only: bool = False) -> Tensor:
 
     Why three products: the attention backward returns dq, dk and dv as separate (B, N, H, D)
     tensors; timm's single qkv product then needs them interleaved into one (B, N, 3HD) gradient, a
-    copy of three activations per block (1.3 ms of a 47 ms ViT-B/16 step on an H200). Apart, each
+    copy of three activations per block (its cost: benchmarks/results/README.md). Apart, each
     one's input gradient is a product of its own. `class_only` computes queries, attention and
     projection for the class token alone (keys and values still span every token). Modules timm
     built differently (a LoRA-wrapped qkv, a gate, the non-fused path) run their own forward.
@@ -61,8 +61,8 @@ def class_token_features(model: VisionTransformer, x: Tensor) -> Tensor:
 
     Why: with class-token pooling nothing reads the other tokens' outputs of the last block, so its
     queries, attention output, projection, residual, norm2 and MLP run on one token instead of N
-    (its keys and values still span every token). Exact, gradients included. On an H200 the MLP
-    part alone made LayerNorm tuning 4 % (ViT-B/16) and 3.5 % (ViT-L/16) faster.
+    (its keys and values still span every token). Exact, gradients included. What it saves:
+    benchmarks/results/README.md.
     """
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
     for block in model.blocks[:-1]:

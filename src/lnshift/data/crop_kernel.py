@@ -2,8 +2,8 @@
 
 `device.augment` computes the same thing with torchvision's `roi_align` (bilinear sampling with
 area averaging) on a float copy of the selected source images, then flips and normalises in four
-more passes. For 256 ViT-B/16 crops on an H200 that took ~2 ms (4 % of a compiled LayerNorm-tuning
-step), nearly all of it converting 448 px sources to float and moving them. This kernel reads the
+more passes: a path whose time (benchmarks/results/README.md) nearly all goes to converting 448 px
+sources to float and moving them. This kernel reads the
 uint8 pixels it samples and writes the normalised crop once, with roi_align's arithmetic (aligned
 boxes, adaptive sampling grid) in the same order, so both give the same values to float rounding
 (tests/test_device_data.py runs it through Triton's CPU interpreter against roi_align).
