@@ -2,7 +2,7 @@
 
 A small run (10 % of the art training pool) and a reference on all of it are tuned with the same
 step budget; the oracle FSR is their shift ratio, and the estimate uses only the small run's own
-training data. The agreement measured on the GPU at full size is in benchmarks/results/; here the
+training data. The agreement measured on the GPU at full size is in benchmarks/results/README.md; here the
 assertion is deliberately loose (same side of the estimate's error band, within a factor of 2) so the
 test checks the pipeline on real images and fails on gross disagreement, not on noise.
 """
