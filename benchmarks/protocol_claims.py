@@ -4,7 +4,11 @@ Reads OUT/results.json of `lnshift sweep benchmarks/paper_protocol.yaml` (or of 
 prints: the ID held-out accuracy per dataset, regime and method; paired comparisons over (dataset,
 regime, seed) on the ID test and on the mean of the cross-domain tests (wins / ties / losses, mean
 difference, Wilcoxon p, lnshift.report.stats); the same by regime; and the oracle FSR, FSR estimate
-and chosen lambda per dataset. Nothing here selects anything: every number is a test-set summary.
+and chosen lambda per dataset; with learning rates chosen on validation (issue 21) also the values
+chosen and how often at a grid's edge, the oracle FSR split by whether the small-data run chose its
+reference's learning rate, the FSR estimate's rank correlation with the oracle, how far validation
+accuracy overstates test accuracy, and (--holdout) the same cells selected on the whole hold-out.
+Nothing here selects anything: every number is a test-set summary.
 
     python benchmarks/protocol_claims.py benchmarks/results/paper_protocol/results.json
 """
@@ -14,10 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import spearmanr
 
 from lnshift.report.stats import paired_compare
 from lnshift.report.sweep_report import Cell, Sweep, read_cell
@@ -26,6 +32,7 @@ from lnshift.report.sweep_report import Cell, Sweep, read_cell
 COMPARISONS = [
     ("ln", "lp"),
     ("cyclic", "ln"),
+    ("cyclic-kx", "ln"),
     ("lp-ln", "ln"),
     ("ln+auto", "ln"),
     ("ln+fsr", "ln"),
@@ -48,6 +55,7 @@ NAMES = {
     "cyclic+auto": "cyclic+auto",
 }
 FULL_DATA = "f1"
+ID_TEST = "holdout"  # the held-out images of the training domain
 
 
 def finite(values: Sequence[float | None]) -> list[float]:
@@ -126,9 +134,115 @@ def fsr_lambda_table(cells: list[Cell], datasets: list[str]) -> str:
     return "\n".join(lines)
 
 
+def fmt_lr(value: float) -> str:
+    return f"{value:g}"
+
+
+def selection_table(rows: list[dict]) -> str:
+    """Per trained method: the grids searched, how often each value won, at an edge, candidates failed."""
+    lines = [
+        "| method | grid(s) | chosen: count per value | at an edge | failed candidates |",
+        "|---|---|---|---:|---:|",
+    ]
+    for method in ordered_methods(rows):
+        mine = [r for r in rows if r["method"] == method and r.get("lr") is not None]
+        if not mine or "+" in method:
+            continue
+        grids = sorted({r["lr_grid"] for r in mine}, key=lambda g: float(g.split()[0]))
+        counts = Counter(float(r["lr"]) for r in mine)
+        chosen = ", ".join(f"{fmt_lr(v)}: {counts[v]}" for v in sorted(counts))
+        edge = sum(bool(r["lr_at_edge"]) for r in mine)
+        failed = sum(int(r.get("lr_failed") or 0) for r in mine)
+        lines.append(
+            f"| {NAMES.get(method, method)} | {'; '.join(grids)} | {chosen} | {edge} of {len(mine)} | {failed} |"
+        )
+    return "\n".join(lines)
+
+
+def ordered_methods(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["method"] for r in rows))
+
+
+def fsr_by_lr(rows: list[dict]) -> str:
+    """LN's oracle FSR below 100 % data, split by whether the run chose its 100 % reference's lr."""
+    reference = {(r["dataset"], r["seed"]): r["lr"] for r in rows if r["method"] == "ln" and r["regime"] == FULL_DATA}
+    groups: dict[str, list[float]] = {"same lr as its reference": [], "smaller lr": [], "larger lr": []}
+    pairs = []
+    for r in rows:
+        if r["method"] != "ln" or r["regime"] == FULL_DATA or r.get("fsr_oracle") is None:
+            continue
+        ref = reference.get((r["dataset"], r["seed"]))
+        if ref is None:
+            continue
+        key = "same lr as its reference" if r["lr"] == ref else "smaller lr" if r["lr"] < ref else "larger lr"
+        groups[key].append(float(r["fsr_oracle"]))
+    for r in rows:
+        if r["method"] == "ln+fsr" and r.get("fsr_oracle") is not None and r.get("fsr_est") is not None:
+            pairs.append((float(r["fsr_oracle"]), float(r["fsr_est"])))
+    lines = ["| LN run below 100 % data | n | oracle FSR mean | min - max | below 1 |", "|---|---:|---:|---|---:|"]
+    for key, values in groups.items():
+        if values:
+            lines.append(
+                f"| {key} | {len(values)} | {np.mean(values):.2f} | {min(values):.2f} - {max(values):.2f} | "
+                f"{sum(v < 1 for v in values)} |"
+            )
+    if len(pairs) > 2:
+        rho, p = spearmanr([a for a, _ in pairs], [b for _, b in pairs])
+        lines.append(f"\nFSR estimate vs oracle (LN+fsr runs): Spearman {rho:.2f} (p = {p:.2g}, n = {len(pairs)}).")
+    return "\n".join(lines)
+
+
+def optimism_table(rows: list[dict], regimes: list[str]) -> str:
+    """Validation minus ID test accuracy of the chosen run (points): how much selection flatters itself."""
+    lines = ["| method | " + " | ".join(regimes) + " |", "|---|" + "---:|" * len(regimes)]
+    for method in ordered_methods(rows):
+        if "+" in method:
+            continue
+        cells = []
+        for regime in regimes:
+            gaps = finite([optimism(r) for r in rows if r["method"] == method and r["regime"] == regime])
+            cells.append(f"{100 * np.mean(gaps):+.1f}" if gaps else "-")
+        lines.append(f"| {NAMES.get(method, method)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def optimism(row: dict) -> float | None:
+    val, test = row.get("val.accuracy"), row.get(f"test.{ID_TEST}.accuracy")
+    return None if val is None or test is None else float(val) - float(test)
+
+
+def holdout_table(rows: list[dict], holdout: list[dict], regimes: list[str]) -> str:
+    """The same cells selected on the whole 20 % hold-out instead of a validation set the size of the data."""
+    match = {r["id"]: r for r in rows}
+    lines = [
+        "| method, regime | cells | ID test, hold-out minus match | same lr chosen | optimism: match "
+        "| optimism: hold-out |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for method in ordered_methods(holdout):
+        for regime in regimes:
+            both = [
+                (match[h["id"]], h)
+                for h in holdout
+                if h["method"] == method and h["regime"] == regime and h["id"] in match
+            ]
+            if not both:
+                continue
+            diff = [float(h[f"test.{ID_TEST}.accuracy"]) - float(m[f"test.{ID_TEST}.accuracy"]) for m, h in both]
+            same = sum(m["lr"] == h["lr"] for m, h in both)
+            opt_m = finite([optimism(m) for m, _ in both])
+            opt_h = finite([optimism(h) for _, h in both])
+            lines.append(
+                f"| {NAMES.get(method, method)} {regime} | {len(both)} | {100 * np.mean(diff):+.1f} | "
+                f"{same} of {len(both)} | {100 * np.mean(opt_m):+.1f} | {100 * np.mean(opt_h):+.1f} |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("results", type=Path, help="results.json of a sweep")
+    parser.add_argument("--holdout", type=Path, help="results.json of the same cells selected with val_size: holdout")
     args = parser.parse_args()
     data = json.loads(args.results.read_text())
     cells = [read_cell(row) for row in data["rows"]]
@@ -143,6 +257,18 @@ def main() -> None:
     print(by_regime_table(sweep) + "\n")
     print("FSR and lambda per dataset (LN runs below 100 % data; lambda auto over every regime):\n")
     print(fsr_lambda_table(cells, sweep.datasets))
+    rows = data["rows"]
+    if any(r.get("lr_grid") for r in rows):
+        print("\nLearning rates chosen on validation (trained methods, every cell):\n")
+        print(selection_table(rows) + "\n")
+        print("Oracle FSR and the learning rate chosen:\n")
+        print(fsr_by_lr(rows) + "\n")
+        print("Validation minus ID test accuracy of the chosen run (points), by regime:\n")
+        print(optimism_table(rows, sweep.regimes))
+    if args.holdout:
+        holdout = json.loads(args.holdout.read_text())["rows"]
+        print("\nSelection on the whole 20 % hold-out vs on a validation set the size of the training subset:\n")
+        print(holdout_table(rows, holdout, sweep.regimes))
 
 
 if __name__ == "__main__":
