@@ -127,8 +127,10 @@ x = torch.cat([x, x[: BLOCK // 3]])  # a last block that is partly outside
 dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).bfloat16()
 gelu, slope = gt.tables(dev)
 xd, dyd = x.to(dev), dy.to(dev)
-assert gelu_forward(xd[:0], gelu).shape == gelu_backward(dyd[:0], xd[:0], slope).shape == (0,)
-pairs = [(gelu_forward(xd, gelu), gt.gelu_lookup(x)), (gelu_backward(dyd, xd, slope), gt.gelu_bf16_backward(dy, x))]
+fwd = lambda x: gelu_forward(x, gelu, gt.GELU_LAYOUT)
+bwd = lambda dy, x: gelu_backward(dy, x, slope, gt.SLOPE_LAYOUT)
+assert fwd(xd[:0]).shape == bwd(dyd[:0], xd[:0]).shape == (0,)
+pairs = [(fwd(xd), gt.gelu_lookup(x)), (bwd(dyd, xd), gt.gelu_bf16_backward(dy, x))]
 print(sum(int((a.cpu().view(torch.int16) != b.view(torch.int16)).logical_and(~(a.cpu().isnan() & b.isnan())).sum())
           for a, b in pairs))
 """

@@ -119,7 +119,7 @@ def gelu_bf16(x: Tensor) -> Tensor:
     """Exact GELU of a bf16 tensor, correctly rounded (contiguous result)."""
     x = x.contiguous()
     kernels = _kernels() if x.is_cuda else None
-    return kernels.gelu_forward(x, tables(x.device)[0]) if kernels else gelu_lookup(x)
+    return kernels.gelu_forward(x, tables(x.device)[0], GELU_LAYOUT) if kernels else gelu_lookup(x)
 
 
 @torch.library.custom_op("lnshift::gelu_bf16_backward", mutates_args=())
@@ -128,7 +128,7 @@ def gelu_bf16_backward(dy: Tensor, x: Tensor) -> Tensor:
     dy, x = dy.contiguous(), x.contiguous()
     kernels = _kernels() if x.is_cuda else None
     if kernels:
-        return kernels.gelu_backward(dy, x, tables(x.device)[1])
+        return kernels.gelu_backward(dy, x, tables(x.device)[1], SLOPE_LAYOUT)
     return (dy.float() * slope_lookup(x)).bfloat16()
 
 
