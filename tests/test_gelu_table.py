@@ -94,7 +94,7 @@ def test_only_exact_gelus_are_swapped():
 def test_a_loaded_vit_trains_the_same_with_the_table_gelu():
     """The LayerNorm gradients of a tiny ViT in bf16 autocast, against the same model with nn.GELU."""
     torch.manual_seed(0)
-    backbone = load_backbone("test_vit", pretrained=False, model_kwargs={"img_size": 32})
+    backbone = load_backbone("test_vit", pretrained=False, model_kwargs={"img_size": 32}, fast_paths=["table_gelu"])
     acts = [m for m in backbone.modules() if isinstance(m, gt.TableGELU)]
     assert len(acts) == len(backbone.model.blocks) > 0
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
@@ -143,7 +143,7 @@ print(sum(int((a.cpu().view(torch.int16) != b.view(torch.int16)).logical_and(~(a
 def test_without_triton_the_lookup_runs(monkeypatch):
     """Where Triton is missing (CUDA without it), the ops fall back to the torch lookup."""
     x = (torch.randn(3, 17, generator=torch.Generator().manual_seed(3)) * 4).bfloat16()
-    monkeypatch.setattr(gt, "_kernels", lambda: None)
+    monkeypatch.setattr(gt, "triton_kernels", lambda: None)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # as if on a GPU
     y, dx = gt.gelu_bf16(x), gt.gelu_bf16_backward(x, x)
     monkeypatch.undo()

@@ -310,7 +310,7 @@ def fit_batched(cfgs: Sequence[FitConfig], device: torch.device, *, score_tests:
     """
     first = cfgs[0]
     _check_batchable(cfgs)
-    backbone = load_configured_backbone(first)
+    backbone = load_configured_backbone(first, device, training=True)
     other_seeds = sorted({cfg.seed for cfg in cfgs} - {first.seed})
     if other_seeds and _depends_on_seed(backbone, replace(first, seed=other_seeds[0])):
         # a randomly initialised backbone differs per seed: only runs of one seed can share it
