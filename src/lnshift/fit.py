@@ -207,6 +207,10 @@ def load_configured_backbone(cfg: FitConfig, device: torch.device = CPU, trainin
     )
 
 
+def resolved(backbone: Backbone, pipeline: str) -> dict[str, Any]:
+    """config.yaml's `resolved` section: what the `auto` options became on this machine (`fit` keeps them as given)."""
+    return {"fast_paths": list(backbone.fast_paths), "input_pipeline": pipeline}
+
 
 def input_pipeline(cfg: FitConfig, data: Data, device: torch.device, data_config: dict) -> str:
     """Resolve --input-pipeline auto for a run's data: the device pipeline on a GPU when the images fit."""
@@ -402,6 +406,8 @@ def build(cfg: FitConfig, device: torch.device, run: rd.RunDir, log: rd.EventLog
     data = load_images(data, cfg, device, backbone.data_config, pipeline)
     log.info(f"input pipeline: {pipeline}" + (" (decoded images on the device)" if pipeline == "device" else ""))
     log.info(f"fast paths: {', '.join(backbone.fast_paths) or 'none'} (--fast-paths {cfg.fast_paths})")
+    if dist.is_main():
+        rd.write_yaml(run / rd.CONFIG, {**run.read_config(), "resolved": resolved(backbone, pipeline)})
     for source in sources:
         if source.converted:
             modes = ", ".join(f"{n} from {m}" for m, n in sorted(source.converted.items()))

@@ -40,6 +40,7 @@ from .fit import (
     load_images,
     plan_phases,
     prepare_data,
+    resolved,
     run_length,
     tensor_meta,
     trained_names,
@@ -357,7 +358,8 @@ def fit_batched(cfgs: Sequence[FitConfig], device: torch.device, *, score_tests:
         log = rd.EventLog(run, None)
         log.event("start", resume=False)
         batched = {"with": [cfgs[q].out for q in passes[lengths[r]]], "how": BATCHED_HOW}  # its pass, itself too
-        rd.write_yaml(run / rd.CONFIG, {"fit": cfg.to_dict(), "environment": environment(), "batched": batched})
+        config = {"fit": cfg.to_dict(), "environment": environment(), "batched": batched}
+        rd.write_yaml(run / rd.CONFIG, {**config, "resolved": resolved(backbone, "device")})
         rd.write_json(run / rd.SPLITS, data.splits)
         rd.write_tensors(run / rd.BASE, start, meta)
         log.info(f"trained in one batched pass with {len(batched['with']) - 1} other run(s): {BATCHED_HOW}")
