@@ -42,13 +42,15 @@ def takes_shortcut(model: nn.Module) -> bool:
 
     Checked at every call, so that what a user changes after loading is honoured: the pooling must
     still read only the class token (changing `global_pool` would otherwise pool one token: NaN for
-    avg), no gradient checkpointing, and no hook on a module whose forward the shortcut skips (the
-    ViT, a Block, its Attention, its qkv), so feature extractors and wrappers that hook them (FSDP's
-    `fully_shard`) see timm's forward. Global hooks (`register_module_forward_hook`) do not count.
+    avg), no gradient checkpointing, and no hook on a module whose forward the shortcut skips (a
+    Block, its Attention, its qkv; the ViT's own too, though neither path calls it), so feature
+    extractors and wrappers that hook them (FSDP's `fully_shard`) see timm's forward. Global hooks
+    (`register_module_forward_hook`, which torch's FLOP counter uses) do not count.
     """
     if not reads_class_token(model) or model.grad_checkpointing:
         return False
-    skipped = [model, *model.blocks, *(b.attn for b in model.blocks), *(b.attn.qkv for b in model.blocks)]
+    skipped = [model, *model.blocks]
+    skipped += [m for b in model.blocks for m in (b.attn, getattr(b.attn, "qkv", None)) if m is not None]
     return not any(hooked(m) for m in skipped)
 
 
