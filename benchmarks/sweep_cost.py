@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lnshift.backbones import load_backbone
+from lnshift.backbones import load_backbone, resolve_fast_paths
 from lnshift.config import FitConfig, environment
 from lnshift.data import open_source
 from lnshift.evaluate import autocast, resolve_device
@@ -248,7 +248,9 @@ def main() -> None:
         vars(args).update(SMOKE, precision="fp32")
     device = resolve_device(args.device)
     kwargs = TINY if args.model == "lnshift/test-vit" else {}
-    backbone = load_backbone(args.model, pretrained=args.model.startswith("lnshift/"), model_kwargs=kwargs).to(device)
+    fast_paths = resolve_fast_paths("auto", device, training=True)  # what `lnshift fit` trains with here
+    pretrained = args.model.startswith("lnshift/")
+    backbone = load_backbone(args.model, pretrained=pretrained, model_kwargs=kwargs, fast_paths=fast_paths).to(device)
     size = backbone.data_config["input_size"][-1]
     x, y = folder(args.data, size, device) if args.data else synthetic(args.images, size, args.classes, device)
     stats = {k: torch.tensor(backbone.data_config[k], device=device).view(1, 3, 1, 1) for k in ("mean", "std")}

@@ -7,7 +7,9 @@ For each model, side by side on the same GPU (bf16 autocast, AdamW, the same bat
 - plain: lnshift's loop step (a requires_grad mask over LayerNorms + head) fed by the device input
   pipeline (decoded uint8 images on the GPU, random-resized crops and flips drawn there), eager;
 - compiled: the same with torch.compile;
-then forward-only evaluation (bf16, inference mode), eager and compiled. Every figure is measured in
+then forward-only evaluation (bf16, inference mode), eager and compiled. lnshift's variants run with
+every fast path on (backbones/fastpath.py, what `lnshift fit` turns on to train on CUDA) unless their
+name turns one off (-convpatch, -erfgelu, -alltokens, or -nofast for all). Every figure is measured in
 this run: img/s, achieved TFLOP/s (torch's FLOP counter on one real step of the whole model; lnshift's
 class-token shortcut executes ~7 % less on ViT-B, so its figure is work-equivalent), the share of the
 ceiling (--peak-tflops, 790 = dense bf16 matrix rate measured on this workplace's H200; this
@@ -52,11 +54,10 @@ from PIL import Image
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-import lnshift.backbones as backbones
 import lnshift.backbones.timm_backbone as tb
 import lnshift.data.device as dd
 from lnshift.backbones import load_backbone
-from lnshift.config import environment
+from lnshift.config import FAST_PATHS, environment
 from lnshift.data import ImageDataset, open_source
 from lnshift.data.device import DeviceBatches, DeviceImages, to_device
 from lnshift.evaluate import autocast
@@ -73,10 +74,12 @@ SPIN = 200_000_000  # GPU cycles (~0.1 s) that torch.cuda._sleep's spin kernel b
 # + inductor's autotuned GEMM templates (which can fuse bias / GELU / residual epilogues; slow to compile)
 # + inductor's coordinate-descent tuning of its own Triton kernels' launch configurations,
 # + inductor without its mixed-order (row + column) reductions, + inductor's combo (horizontally fused) kernels;
+# fast paths off (backbones/fastpath.py): -convpatch: the patch embedding as cuDNN's strided conv;
+# -erfgelu: torch's GELU (erf per element, inductor's kernels) instead of the table GELU;
 # -alltokens: without the class-token shortcut (the last block's tail on every token, as timm does);
+# -nofast: none of them, timm's own forward (what `lnshift fit --fast-paths off` trains);
 # -oneqkv: the shortcut with timm's own attention modules (one qkv product, every query in the last block);
 # -roialign: crops through roi_align and tensor operations (the CPU path) instead of the Triton kernel;
-# -erfgelu: torch's GELU (erf per element, inductor's kernels) instead of the table GELU;
 # -fusedadam: AdamW as one fused kernel (fused=True) instead of its multi-tensor (foreach) kernels
 TRAIN_VARIANTS = (
     "plain",
@@ -88,13 +91,23 @@ TRAIN_VARIANTS = (
     "compiled-bf16-coord",
     "compiled-bf16-nomix",
     "compiled-bf16-combo",
+    "compiled-bf16-convpatch",
     "compiled-bf16-alltokens",
     "compiled-bf16-oneqkv",
     "compiled-bf16-roialign",
     "compiled-bf16-erfgelu",
     "compiled-bf16-fusedadam",
+    "compiled-bf16-nofast",
 )
-VARIANTS = ("reference", *TRAIN_VARIANTS, "eval", "eval-compiled")
+EVAL_VARIANTS = ("eval", "eval-compiled", "eval-compiled-nofast")  # -nofast: what `lnshift eval` runs
+VARIANTS = ("reference", *TRAIN_VARIANTS, *EVAL_VARIANTS)
+# variant suffix -> the fast paths it turns off
+FAST_PATHS_OFF = {
+    "convpatch": ("patch_matmul",),
+    "erfgelu": ("table_gelu",),
+    "alltokens": ("class_token",),
+    "nofast": FAST_PATHS,
+}
 COMPILE_ARGS = {  # variant suffix -> torch.compile keywords
     "autotune": {"mode": "max-autotune-no-cudagraphs"},
     "graphs": {"mode": "reduce-overhead"},
@@ -341,11 +354,15 @@ ABLATIONS = {
     "oneqkv": (tb, "attention", lambda attn, x, class_only=False: attn(x)[:, :1] if class_only else attn(x)),
     # training crops through roi_align, as on the CPU, instead of the Triton kernel
     "roialign": (dd, "fused_crops", lambda: False),
-    # backbones keep torch's GELU modules (no `use_table_gelu` at load)
-    "erfgelu": (backbones, "use_table_gelu", lambda model: 0),
     # AdamW's fused single-kernel step
     "fusedadam": (torch.optim, "AdamW", functools.partial(torch.optim.AdamW, fused=True)),
 }
+
+
+def variant_fast_paths(variant: str) -> tuple[str, ...]:
+    """The fast paths a variant runs with: all but those its name turns off (FAST_PATHS_OFF)."""
+    off = {name for suffix, names in FAST_PATHS_OFF.items() if suffix in variant.split("-") for name in names}
+    return tuple(name for name in FAST_PATHS if name not in off)
 
 
 def variant_context(variant: str) -> contextlib.ExitStack:
@@ -410,21 +427,19 @@ def reference(args: argparse.Namespace, name: str, folder: Path, device: torch.d
 
 
 def lnshift_model(
-    args: argparse.Namespace, name: str, device: torch.device, all_tokens: bool = False
+    args: argparse.Namespace, name: str, device: torch.device, fast_paths: tuple[str, ...] = FAST_PATHS
 ) -> tuple[Classifier, list[str]]:
-    """The LN-tuning classifier; `all_tokens`: timm's own forward, without the class-token shortcut."""
+    """The LN-tuning classifier, with these fast paths on."""
     torch.manual_seed(0)
-    backbone = load_backbone(name, None, pretrained=False, model_kwargs=args.model_kwargs)
+    backbone = load_backbone(name, None, pretrained=False, model_kwargs=args.model_kwargs, fast_paths=fast_paths)
     model = Classifier(backbone, build_head("linear", backbone.feature_dim, backbone.token_dim, NUM_CLASSES))
-    if all_tokens:
-        every_token(model)
     names = get_strategy("ln").select(model, StrategyOptions())
     set_trainable(model, names)
     return model.to(device), names
 
 
 def every_token(model: Classifier) -> None:
-    """timm's own forward from now on: the last block on every token (the FLOP yardstick; variant -alltokens)."""
+    """timm's own forward from now on: the last block on every token (the FLOP yardstick)."""
     if hasattr(model.backbone, "class_token_only"):
         model.backbone.class_token_only = False
 
@@ -437,9 +452,9 @@ def lnshift_train(
     compiled: bool,
     frozen_bf16: bool = False,
     compile_args: dict | None = None,
-    all_tokens: bool = False,
+    fast_paths: tuple[str, ...] = FAST_PATHS,
 ) -> tuple[dict, dict[str, torch.Tensor], int]:
-    model, names = lnshift_model(args, name, device, all_tokens)
+    model, names = lnshift_model(args, name, device, fast_paths)
     if frozen_bf16:  # what `lnshift fit --frozen-dtype bf16` does
         store_frozen(model, names, torch.bfloat16)
     optimizer = torch.optim.AdamW(param_groups(model, names, 0.05, False), lr=1e-3)
@@ -501,10 +516,10 @@ def train_flops(args: argparse.Namespace, name: str, device: torch.device) -> tu
     return count(), executed
 
 
-def eval_throughput(args: argparse.Namespace, name: str, device: torch.device, compiled: bool) -> dict:
-    model, _ = lnshift_model(args, name, device)
+def eval_throughput(args: argparse.Namespace, name: str, device: torch.device, variant: str) -> dict:
+    model, _ = lnshift_model(args, name, device, variant_fast_paths(variant))
     model.eval()
-    forward = torch.compile(model) if compiled else model
+    forward = torch.compile(model) if "compiled" in variant else model
     x = torch.randn(args.batch_size, *args.input_size, device=device)
 
     @torch.inference_mode()
@@ -549,11 +564,11 @@ def bench_model(args: argparse.Namespace, name: str, folder: Path, device: torch
                     compiled=variant != "plain",
                     frozen_bf16="bf16" in variant,
                     compile_args=COMPILE_ARGS.get(variant.rsplit("-", 1)[-1]),
-                    all_tokens="alltokens" in variant,
+                    fast_paths=variant_fast_paths(variant),
                 )
-    for variant, compiled in (("eval", False), ("eval-compiled", True)):
+    for variant in EVAL_VARIANTS:
         if variant in args.variants:
-            rows[variant] = eval_throughput(args, name, device, compiled)
+            rows[variant] = eval_throughput(args, name, device, variant)
     for variant, row in rows.items():
         per_image = row.get("flops", flops) / args.batch_size
         row["img_per_s"] = args.batch_size / row["seconds_per_step"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lnshift.backbones import Backbone, ModelSpec, find_norms, load_backbone, norm_table, register, registry
+from lnshift.backbones.fastpath import apply_fast_paths
+from lnshift.config import FAST_PATHS
 from lnshift.errors import ModelError
 from tiny import same_outputs
 
@@ -45,10 +48,16 @@ def _img(size: int, batch: int = 2) -> torch.Tensor:
 def _check_common(backbone: Backbone, size: int, n_tokens: int) -> None:
     assert set(backbone.data_config) >= DATA_KEYS
     assert len(backbone.data_config["input_size"]) == 3
+    x = _img(size)
     with torch.no_grad():
-        feats, tokens = backbone(_img(size)), backbone.forward_tokens(_img(size))
+        feats, tokens = backbone(x), backbone.forward_tokens(x)
     assert feats.shape == (2, backbone.feature_dim)
     assert tokens.shape == (2, n_tokens, backbone.token_dim)
+    # every family's patch embedding is found by the fast path patch_matmul (and only changes rounding)
+    fast = copy.deepcopy(backbone)
+    assert "patch_matmul" in apply_fast_paths(fast, FAST_PATHS)
+    with torch.no_grad():
+        same_outputs(fast(x), feats)
 
 
 # ---------------------------------------------------------------- norm discovery

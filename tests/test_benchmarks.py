@@ -70,6 +70,15 @@ def throughput_module():
     return throughput
 
 
+def test_each_fast_path_can_be_measured_off():
+    fast_paths = throughput_module().variant_fast_paths
+    assert fast_paths("compiled-bf16") == fast_paths("eval-compiled") == ("patch_matmul", "table_gelu", "class_token")
+    assert fast_paths("compiled-bf16-convpatch") == ("table_gelu", "class_token")
+    assert fast_paths("compiled-bf16-erfgelu") == ("patch_matmul", "class_token")
+    assert fast_paths("compiled-bf16-alltokens") == ("patch_matmul", "table_gelu")
+    assert fast_paths("compiled-bf16-nofast") == fast_paths("eval-compiled-nofast") == ()
+
+
 def test_a_profiled_compiled_run_prints_its_profile_of_the_recorded_steps():
     command = [
         *(sys.executable, str(BENCHMARKS / "throughput.py"), "--models", "test_vit", "--model-kwargs"),

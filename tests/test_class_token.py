@@ -1,4 +1,5 @@
-"""Class-token pooling computes the last block's tail on the class token only: same features, same gradients."""
+"""The fast path `class_token`: with class-token pooling the last block's tail runs on the class token only
+(same features, same gradients), and timm's forward runs wherever a hook or a pooling change needs it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from lnshift.backbones import load_backbone
+from lnshift.backbones import Backbone, load_backbone
 from lnshift.backbones.timm_backbone import attention, class_token_features
 from lnshift.heads import Classifier, build_head
 from lnshift.loop import set_trainable
@@ -16,10 +17,15 @@ from lnshift.strategies import StrategyOptions, get_strategy
 TINY = {"img_size": 32, "patch_size": 8}
 
 
+def shortcut_vit(model_kwargs: dict) -> Backbone:
+    """test_vit with the class-token fast path on."""
+    return load_backbone("test_vit", None, pretrained=False, model_kwargs=model_kwargs, fast_paths=["class_token"])
+
+
 def ln_tuned_pair(model_kwargs: dict) -> tuple[Classifier, Classifier, list[str]]:
     """Two copies of a LN-tuning classifier in train mode (dropout-free); the second takes timm's own path."""
     torch.manual_seed(0)
-    backbone = load_backbone("test_vit", None, pretrained=False, model_kwargs=model_kwargs)
+    backbone = shortcut_vit(model_kwargs)
     model = Classifier(backbone, build_head("linear", backbone.feature_dim, backbone.token_dim, 4))
     names = get_strategy("ln").select(model, StrategyOptions())
     set_trainable(model, names)
@@ -61,8 +67,8 @@ def test_features_are_the_class_token_of_forward_features() -> None:
 
 @pytest.mark.parametrize("model_kwargs", [{**TINY, "global_pool": "avg"}, {**TINY, "global_pool": "map"}])
 def test_other_poolings_keep_every_token(model_kwargs: dict) -> None:
-    backbone = load_backbone("test_vit", None, pretrained=False, model_kwargs=model_kwargs)
-    assert not backbone.class_token_only
+    backbone = shortcut_vit(model_kwargs)
+    assert not backbone.class_token_only and backbone.fast_paths == []
 
 
 def test_gradient_checkpointing_takes_timm_path(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -94,7 +94,7 @@ def test_only_exact_gelus_are_swapped():
 def test_a_loaded_vit_trains_the_same_with_the_table_gelu():
     """The LayerNorm gradients of a tiny ViT in bf16 autocast, against the same model with nn.GELU."""
     torch.manual_seed(0)
-    backbone = load_backbone("test_vit", pretrained=False, model_kwargs={"img_size": 32})
+    backbone = load_backbone("test_vit", pretrained=False, model_kwargs={"img_size": 32}, fast_paths=["table_gelu"])
     acts = [m for m in backbone.modules() if isinstance(m, gt.TableGELU)]
     assert len(acts) == len(backbone.model.blocks) > 0
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
@@ -127,8 +127,10 @@ x = torch.cat([x, x[: BLOCK // 3]])  # a last block that is partly outside
 dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).bfloat16()
 gelu, slope = gt.tables(dev)
 xd, dyd = x.to(dev), dy.to(dev)
-assert gelu_forward(xd[:0], gelu).shape == gelu_backward(dyd[:0], xd[:0], slope).shape == (0,)
-pairs = [(gelu_forward(xd, gelu), gt.gelu_lookup(x)), (gelu_backward(dyd, xd, slope), gt.gelu_bf16_backward(dy, x))]
+fwd = lambda x: gelu_forward(x, gelu, gt.GELU_LAYOUT)
+bwd = lambda dy, x: gelu_backward(dy, x, slope, gt.SLOPE_LAYOUT)
+assert fwd(xd[:0]).shape == bwd(dyd[:0], xd[:0]).shape == (0,)
+pairs = [(fwd(xd), gt.gelu_lookup(x)), (bwd(dyd, xd), gt.gelu_bf16_backward(dy, x))]
 print(sum(int((a.cpu().view(torch.int16) != b.view(torch.int16)).logical_and(~(a.cpu().isnan() & b.isnan())).sum())
           for a, b in pairs))
 """
@@ -141,7 +143,7 @@ print(sum(int((a.cpu().view(torch.int16) != b.view(torch.int16)).logical_and(~(a
 def test_without_triton_the_lookup_runs(monkeypatch):
     """Where Triton is missing (CUDA without it), the ops fall back to the torch lookup."""
     x = (torch.randn(3, 17, generator=torch.Generator().manual_seed(3)) * 4).bfloat16()
-    monkeypatch.setattr(gt, "_kernels", lambda: None)
+    monkeypatch.setattr(gt, "triton_kernels", lambda: None)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # as if on a GPU
     y, dx = gt.gelu_bf16(x), gt.gelu_bf16_backward(x, x)
     monkeypatch.undo()

@@ -216,6 +216,8 @@ def test_sweep_batched_writes_every_run_directory_and_the_table(tmp_path, device
     config = yaml.safe_load((run / rd.CONFIG).read_text())
     # the random test backbone differs per seed, so each seed's 2 regimes were batched together
     assert len(config["batched"]["with"]) == 2 and config["fit"]["seed"] == 1
+    fast_paths = [] if device == "cpu" else ["patch_matmul", "table_gelu", "class_token"]  # `auto` trains fast on CUDA
+    assert config["resolved"] == {"fast_paths": fast_paths, "input_pipeline": "device"}
     saved = load_run(run)  # the run directory contract holds: it loads back and scores as saved
     data = prepare_data(saved.cfg, saved.model.backbone.data_config)
     at, val_split = torch.device(device), loader(data.val, saved.cfg, train=False)

@@ -136,6 +136,7 @@ def test_run_report_has_every_section_table_and_figure(runs, tmp_path):
     trainable = sum(t.numel() for t in load_file(runs / "ln" / rd.ADAPTER).values())
     assert f"{trainable:,} (LayerNorm" in html.unescape(text)
     assert "event of events.jsonl (2 epochs)" in text and "builtin:pacs-mini/photo" in text
+    assert "input pipeline workers, fast paths none" in text  # config.yaml's `resolved` (CPU)
     shift = json.loads((runs / "ln" / rd.SHIFT).read_text())
     assert f"{shift['shift_ln']:.4g}" in text
     assert "backbone.model.norm" in text  # the final norm, outside the blocks, is listed

@@ -24,9 +24,8 @@ def image_folder(root: Path, per_class: int, classes: tuple[str, ...] = ("cat", 
 
 
 def same_outputs(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Equal up to summation order: lnshift runs patch embeddings as a matrix product
-    (backbones.patch_matmul) and, with class-token pooling, the last block's tail on one token
-    (backbones.timm_backbone). Weights loaded wrongly differ by orders of magnitude more."""
+    """Equal up to summation order (what the fast paths of backbones/fastpath.py change, where they
+    are on). Weights loaded wrongly differ by orders of magnitude more."""
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -35,6 +35,8 @@ VAL_SIZES = {
     "match": "as many images per class as the --fraction / --shots training subset (at least one), drawn from "
     "that validation data, whole groups; without --fraction / --shots the same as holdout",
 }
+# --fast-paths: exact speed-ups of the backbone that pay on CUDA GPUs (backbones/fastpath.py applies them)
+FAST_PATHS = ("patch_matmul", "table_gelu", "class_token")
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -141,6 +143,11 @@ class FitConfig:
         "transforms) or auto (device on a GPU when the images fit and --augment is not strong)",
     )
     compile: bool = _opt(False, "torch.compile the model for training (pays off on long GPU runs)")
+    fast_paths: str = _opt(
+        "auto",
+        "exact speed-ups of the backbone (docs/design.md): auto (all of them to train on CUDA; none on the CPU or to "
+        f"evaluate), off, all, or a comma list of {', '.join(FAST_PATHS)}; config.yaml records those applied",
+    )
     eval_batch_size: int = _opt(256, "batch size for evaluation")
     out: str = _opt("runs/latest", "run directory to write")
     resume: bool = _opt(False, "continue an interrupted run in --out from its last checkpoint")
@@ -176,6 +183,9 @@ class FitConfig:
             raise ConfigError(f"--input-pipeline must be auto, device or workers, got {self.input_pipeline!r}")
         if self.input_pipeline == "device" and self.augment == "strong":
             raise ConfigError("--augment strong (RandAugment, random erasing) exists only in --input-pipeline workers")
+        if isinstance(self.fast_paths, bool):  # YAML reads `off` as false
+            self.fast_paths = "all" if self.fast_paths else "off"
+        parse_fast_paths(self.fast_paths)
         if self.select not in ("best", "last"):
             raise ConfigError(f"--select must be 'best' or 'last', got {self.select!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -246,6 +256,21 @@ SELECT_METRICS = {
     "loss": False,
     "ece": False,
 }
+
+
+def parse_fast_paths(setting: str) -> tuple[str, ...] | None:
+    """The FAST_PATHS a --fast-paths setting names, in their order; None for `auto` (the device decides)."""
+    if setting == "auto":
+        return None
+    if setting == "off":
+        return ()
+    if setting == "all":
+        return FAST_PATHS
+    names = {name.strip() for name in setting.split(",")} if isinstance(setting, str) else {repr(setting)}
+    unknown = sorted(names - set(FAST_PATHS))
+    if unknown:
+        raise ConfigError(f"--fast-paths: unknown {unknown}; give auto, off, all or a comma list of {list(FAST_PATHS)}")
+    return tuple(name for name in FAST_PATHS if name in names)
 
 
 def _is_number(value: Any) -> bool:

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from . import distributed as dist
 from . import rundir as rd
-from .backbones import load_backbone
+from .backbones import Backbone, load_backbone, resolve_fast_paths
 from .config import DEVICE_DATA_SHARE, DEVICE_DATA_SHARE_ENV, VAL_SIZES, FitConfig, environment, saved_options
 from .data import (
     ImageDataset,
@@ -49,13 +49,15 @@ from .shift import ShiftReport, layer_shift, rescale
 from .strategies import StrategyOptions, get_strategy, norm_module_names
 
 # options that may differ between an interrupted run and its --resume without changing the result
+# (beyond float rounding: another device, compiled kernels, fast paths)
 RESUME_FREE = {
     "out", "resume", "overwrite", "progress", "workers", "device", "devices", "eval_batch_size", "tensorboard",
-    "compile",
+    "compile", "fast_paths",
 }  # fmt: skip
 
 
 Images = ImageDataset | DeviceImages  # one split in the workers or the device input pipeline
+CPU = torch.device("cpu")
 
 
 @dataclass
@@ -195,10 +197,19 @@ def size_validation(cfg: FitConfig, val: Split, source: ImageSource, train_count
     return record
 
 
-def load_configured_backbone(cfg: FitConfig) -> nn.Module:
-    """The backbone of a config; seeded first, so a randomly initialised one is the same every time it loads."""
+def load_configured_backbone(cfg: FitConfig, device: torch.device = CPU, training: bool = False) -> Backbone:
+    """The backbone of a config, with the fast paths --fast-paths gives it for `device` and `training`;
+    seeded first, so a randomly initialised one is the same every time it loads."""
     torch.manual_seed(cfg.seed)
-    return load_backbone(cfg.model, cfg.weights, pretrained=cfg.pretrained, model_kwargs=cfg.model_kwargs)
+    fast_paths = resolve_fast_paths(cfg.fast_paths, device, training)
+    return load_backbone(
+        cfg.model, cfg.weights, pretrained=cfg.pretrained, model_kwargs=cfg.model_kwargs, fast_paths=fast_paths
+    )
+
+
+def resolved(backbone: Backbone, pipeline: str) -> dict[str, Any]:
+    """config.yaml's `resolved` section: what the `auto` options became on this machine (`fit` keeps them as given)."""
+    return {"fast_paths": list(backbone.fast_paths), "input_pipeline": pipeline}
 
 
 def input_pipeline(cfg: FitConfig, data: Data, device: torch.device, data_config: dict) -> str:
@@ -384,7 +395,7 @@ def _fit(cfg: FitConfig, device: torch.device, echo: Callable[[str], None] | Non
 
 def build(cfg: FitConfig, device: torch.device, run: rd.RunDir, log: rd.EventLog) -> Trainee:
     """Backbone, data (splits.json), model and phases of a run; base.safetensors holds what trains, pretrained."""
-    backbone = load_configured_backbone(cfg)
+    backbone = load_configured_backbone(cfg, device, training=True)
     data = prepare_data(cfg, backbone.data_config)
     model = build_model(cfg, backbone, len(data.classes)).to(device)
     rd.write_json(run / rd.SPLITS, data.splits)
@@ -394,6 +405,9 @@ def build(cfg: FitConfig, device: torch.device, run: rd.RunDir, log: rd.EventLog
     pipeline = input_pipeline(cfg, data, device, backbone.data_config)
     data = load_images(data, cfg, device, backbone.data_config, pipeline)
     log.info(f"input pipeline: {pipeline}" + (" (decoded images on the device)" if pipeline == "device" else ""))
+    log.info(f"fast paths: {', '.join(backbone.fast_paths) or 'none'} (--fast-paths {cfg.fast_paths})")
+    if dist.is_main():
+        rd.write_yaml(run / rd.CONFIG, {**run.read_config(), "resolved": resolved(backbone, pipeline)})
     for source in sources:
         if source.converted:
             modes = ", ".join(f"{n} from {m}" for m, n in sorted(source.converted.items()))

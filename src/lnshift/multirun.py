@@ -40,6 +40,7 @@ from .fit import (
     load_images,
     plan_phases,
     prepare_data,
+    resolved,
     run_length,
     tensor_meta,
     trained_names,
@@ -310,7 +311,7 @@ def fit_batched(cfgs: Sequence[FitConfig], device: torch.device, *, score_tests:
     """
     first = cfgs[0]
     _check_batchable(cfgs)
-    backbone = load_configured_backbone(first)
+    backbone = load_configured_backbone(first, device, training=True)
     other_seeds = sorted({cfg.seed for cfg in cfgs} - {first.seed})
     if other_seeds and _depends_on_seed(backbone, replace(first, seed=other_seeds[0])):
         # a randomly initialised backbone differs per seed: only runs of one seed can share it
@@ -357,7 +358,8 @@ def fit_batched(cfgs: Sequence[FitConfig], device: torch.device, *, score_tests:
         log = rd.EventLog(run, None)
         log.event("start", resume=False)
         batched = {"with": [cfgs[q].out for q in passes[lengths[r]]], "how": BATCHED_HOW}  # its pass, itself too
-        rd.write_yaml(run / rd.CONFIG, {"fit": cfg.to_dict(), "environment": environment(), "batched": batched})
+        config = {"fit": cfg.to_dict(), "environment": environment(), "batched": batched}
+        rd.write_yaml(run / rd.CONFIG, {**config, "resolved": resolved(backbone, "device")})
         rd.write_json(run / rd.SPLITS, data.splits)
         rd.write_tensors(run / rd.BASE, start, meta)
         log.info(f"trained in one batched pass with {len(batched['with']) - 1} other run(s): {BATCHED_HOW}")

@@ -50,12 +50,12 @@ def load_run(path: str | Path, device: str = "cpu") -> SavedRun:
     cfg = FitConfig.from_dict(run.read_config()["fit"], source=str(run / rd.CONFIG))
     adapter, meta = run.read_tensors(rd.ADAPTER)
     base, _ = run.read_tensors(rd.BASE)
-    model = build_model(cfg, load_configured_backbone(cfg), len(meta["classes"]))
+    dev = resolve_device(device)
+    model = build_model(cfg, load_configured_backbone(cfg, dev), len(meta["classes"]))
     unknown = sorted(set(adapter) - {n for n, _ in model.named_parameters()})
     if unknown:
         raise RunDirError(f"{run / rd.ADAPTER}: tensors not in the rebuilt model: {unknown[:5]}")
     restore(model, adapter)
-    dev = resolve_device(device)
     if cfg.frozen_dtype == "bf16" and uses_bf16(dev, cfg.precision):  # as it was trained and evaluated
         store_frozen(model, list(adapter), torch.bfloat16)
     model.eval().to(dev)

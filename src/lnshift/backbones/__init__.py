@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,9 @@ import timm
 from ..errors import ModelError
 from . import registry
 from .base import Backbone, find_norms, norm_table, stored_data_config
-from .gelu_table import use_table_gelu
+from .fastpath import apply_fast_paths, resolve_fast_paths
 from .hf_backbone import load_hf
 from .openclip_backbone import load_open_clip
-from .patch_matmul import use_patch_matmul
 from .registry import ModelSpec, close_matches, register
 from .timm_backbone import load_timm
 
@@ -26,6 +26,7 @@ __all__ = [
     "load_backbone",
     "norm_table",
     "register",
+    "resolve_fast_paths",
 ]
 
 _LOADERS = {"timm": load_timm, "hf": load_hf, "open_clip": load_open_clip}
@@ -83,14 +84,15 @@ def load_backbone(
     *,
     pretrained: bool = True,
     model_kwargs: dict | None = None,
+    fast_paths: Iterable[str] = (),
 ) -> Backbone:
     """Resolve `name` and load the backbone, in eval mode and with its preprocessing in `data_config`.
 
     Order: lnshift registry name; `hf:PATH` or a folder whose config.json has `model_type`;
     `open_clip:ARCH`; a timm-format folder; otherwise a timm model name (`hf-hub:` included).
-    `weights` (file or folder) replaces the library's own pretrained weights. Patch-embedding convs
-    run as matrix products (backbones.patch_matmul: same parameters, many times faster on GPUs), and
-    exact GELUs of bf16 activations by table lookup (backbones.gelu_table: correctly rounded, faster).
+    `weights` (file or folder) replaces the library's own pretrained weights. `fast_paths` (names of
+    config.FAST_PATHS, e.g. from `resolve_fast_paths`) turns on exact speed-ups for CUDA GPUs
+    (backbones/fastpath.py); without them the model runs its library's own forward.
     """
     kwargs = dict(model_kwargs or {})
     if name in registry.list_models():
@@ -108,6 +110,5 @@ def load_backbone(
     else:
         raise _unknown(name)
     backbone.name = name
-    use_patch_matmul(backbone)
-    use_table_gelu(backbone)
+    apply_fast_paths(backbone, fast_paths)
     return backbone.eval()

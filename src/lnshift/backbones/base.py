@@ -31,10 +31,13 @@ class Backbone(nn.Module):
     """A ViT feature extractor of one family (timm / HF transformers / open_clip).
 
     The library model is the submodule `model`, so parameter names are `model.<native name>` and a
-    strategy can select LayerNorms by name without knowing the family.
+    strategy can select LayerNorms by name without knowing the family. `fast_paths` lists the fast
+    paths turned on at load (backbones/fastpath.py; none: the library's own forward).
     """
 
     family: str
+    # where the family keeps its patch-embedding conv (names in `model`), for the fast path patch_matmul
+    patch_convs: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module, name: str, *, feature_dim: int, token_dim: int, data_config: dict) -> None:
         super().__init__()
@@ -43,6 +46,7 @@ class Backbone(nn.Module):
         self.feature_dim = int(feature_dim)
         self.token_dim = int(token_dim)
         self.data_config = data_config
+        self.fast_paths: list[str] = []
 
     def forward(self, x: Tensor) -> Tensor:
         """Pooled features (B, feature_dim), as the model's own classifier would see them."""
@@ -65,7 +69,9 @@ class Backbone(nn.Module):
         return found
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, family={self.family!r}, feature_dim={self.feature_dim}"
+        return (
+            f"name={self.name!r}, family={self.family!r}, feature_dim={self.feature_dim}, fast_paths={self.fast_paths}"
+        )
 
 
 def is_rms(module: nn.Module) -> bool:

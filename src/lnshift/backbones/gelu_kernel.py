@@ -1,5 +1,8 @@
 """Triton kernels of the table GELU (`gelu_table`): bf16 GELU and its backward by table lookup.
 
+The caller passes each table with its layout (`gelu_table.Layout`: lo, hi, half), so this module
+imports nothing of `gelu_table`, which imports it only where Triton is there.
+
 Each program loads its table into registers once and looks its inputs up with `tl.gather`
 (through shared memory); the few inputs outside the table follow the rules `gelu_table` states.
 Per element they still execute a few dozen instructions, so the block size matters: a program of
@@ -15,8 +18,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-
-from .gelu_table import GELU_LAYOUT, SLOPE_LAYOUT, Layout
 
 BLOCK = 8192  # elements per program
 WARPS = 8
@@ -89,7 +90,8 @@ def _gelu_backward_kernel(
     tl.store(dx_ptr + offs, _to_bf16(dy * slope, BITWISE), mask=inside)
 
 
-def _launch(kernel: triton.JITFunction, layout: Layout, n: int, *args: torch.Tensor) -> None:
+def _launch(kernel: triton.JITFunction, layout: tuple[int, int, int], n: int, *args: torch.Tensor) -> None:
+    lo, hi, half = layout
     if n == 0:  # an empty grid is not a launch
         return
     # Triton launches on the current CUDA device, which need not be the tensors' (`--device cuda:1`)
@@ -98,24 +100,24 @@ def _launch(kernel: triton.JITFunction, layout: Layout, n: int, *args: torch.Ten
         kernel[(triton.cdiv(n, BLOCK),)](
             *args,
             n,
-            LO=layout.lo,
-            HI=layout.hi,
-            HALF=layout.half,
+            LO=lo,
+            HI=hi,
+            HALF=half,
             BLOCK=BLOCK,
             BITWISE=INTERPRETED,
             num_warps=WARPS,
         )
 
 
-def gelu_forward(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """GELU of a contiguous bf16 tensor through the bf16 `table` (GELU_LAYOUT)."""
+def gelu_forward(x: torch.Tensor, table: torch.Tensor, layout: tuple[int, int, int]) -> torch.Tensor:
+    """GELU of a contiguous bf16 tensor through the bf16 `table` of `layout` (gelu_table.GELU_LAYOUT)."""
     y = torch.empty_like(x)
-    _launch(_gelu_kernel, GELU_LAYOUT, x.numel(), x, y, table)
+    _launch(_gelu_kernel, layout, x.numel(), x, y, table)
     return y
 
 
-def gelu_backward(dy: torch.Tensor, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """dy * GELU'(x) for contiguous bf16 tensors, the slope from the float32 `table` (SLOPE_LAYOUT)."""
+def gelu_backward(dy: torch.Tensor, x: torch.Tensor, table: torch.Tensor, layout: tuple[int, int, int]) -> torch.Tensor:
+    """dy * GELU'(x) for contiguous bf16 tensors, the slope from the float32 `table` of `layout` (SLOPE_LAYOUT)."""
     dx = torch.empty_like(x)
-    _launch(_gelu_backward_kernel, SLOPE_LAYOUT, x.numel(), x, dy, dx, table)
+    _launch(_gelu_backward_kernel, layout, x.numel(), x, dy, dx, table)
     return dx

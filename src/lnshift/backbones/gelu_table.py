@@ -11,7 +11,8 @@ the slope, which multiplies the incoming gradient in float32 as torch's gelu_bac
 
 `TableGELU` stands in for `nn.GELU()` (approximate="none"): bf16 inputs go through the custom op
 `lnshift::gelu_bf16` (Triton kernels on CUDA, `gelu_kernel`; a torch lookup elsewhere or without
-Triton), other dtypes through F.gelu. `use_table_gelu(model)` swaps it in.
+Triton), other dtypes through F.gelu. `use_table_gelu(model)` swaps it in (the fast path `table_gelu`,
+backbones/fastpath.py: on the CPU the lookup is ~10x slower than F.gelu in bf16).
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def slope_lookup(x: Tensor) -> Tensor:
 
 
 @functools.cache
-def _kernels() -> ModuleType | None:
+def triton_kernels() -> ModuleType | None:
     """The Triton kernels, or None where Triton is missing (torch's CUDA wheels for Linux bring it)."""
     try:
         from . import gelu_kernel
@@ -118,17 +119,17 @@ def _kernels() -> ModuleType | None:
 def gelu_bf16(x: Tensor) -> Tensor:
     """Exact GELU of a bf16 tensor, correctly rounded (contiguous result)."""
     x = x.contiguous()
-    kernels = _kernels() if x.is_cuda else None
-    return kernels.gelu_forward(x, tables(x.device)[0]) if kernels else gelu_lookup(x)
+    kernels = triton_kernels() if x.is_cuda else None
+    return kernels.gelu_forward(x, tables(x.device)[0], GELU_LAYOUT) if kernels else gelu_lookup(x)
 
 
 @torch.library.custom_op("lnshift::gelu_bf16_backward", mutates_args=())
 def gelu_bf16_backward(dy: Tensor, x: Tensor) -> Tensor:
     """dy * GELU'(x) for bf16 dy and x, the product taken in float32 and rounded once (contiguous result)."""
     dy, x = dy.contiguous(), x.contiguous()
-    kernels = _kernels() if x.is_cuda else None
+    kernels = triton_kernels() if x.is_cuda else None
     if kernels:
-        return kernels.gelu_backward(dy, x, tables(x.device)[1])
+        return kernels.gelu_backward(dy, x, tables(x.device)[1], SLOPE_LAYOUT)
     return (dy.float() * slope_lookup(x)).bfloat16()
 
 

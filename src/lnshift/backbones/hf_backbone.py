@@ -74,6 +74,12 @@ class HFBackbone(Backbone):
     """ViT / DINOv2: pooled = CLS token of `last_hidden_state` (already after the final layernorm)."""
 
     family = "hf"
+    # ViT and DINOv2; CLIP (transformers 5.x, then 4.x)
+    patch_convs = (
+        "embeddings.patch_embeddings.projection",
+        "embeddings.patch_embedding",
+        "vision_model.embeddings.patch_embedding",
+    )
 
     def __init__(self, model: nn.Module, name: str, *, forward_kwargs: dict[str, Any], **dims: Any) -> None:
         super().__init__(model, name, **dims)

@@ -17,6 +17,7 @@ class OpenCLIPBackbone(Backbone):
     """Pooled = `visual(x)`, the projected image embedding that CLIP zero-shot heads compare with text."""
 
     family = "open_clip"
+    patch_convs = ("conv1", "trunk.patch_embed.proj")  # open_clip's own ViT; a timm trunk
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)

@@ -1,14 +1,18 @@
-"""Patch embeddings (a Conv2d whose kernel equals its stride) run as one matrix product.
+"""A ViT's patch embedding (a Conv2d whose kernel equals its stride) run as one matrix product.
 
 A ViT's patch embedding is a strided convolution over 3 input channels. cuDNN runs it with a generic
 kernel and layout conversions, many times slower than the same work as one GEMM (the figures are in
 benchmarks/results/README.md, "What each fast path saves"). Cutting the image into patches and
 multiplying by the flattened kernel is the same linear map
 (only the summation order differs), keeps the conv's parameters and state-dict keys, and works in
-every backbone family because it swaps the class of the Conv2d modules in place.
+every backbone family because it swaps the class of the Conv2d module in place. Only the patch
+embedding is swapped (each family names it in `Backbone.patch_convs`), never another conv of the
+model; backbones/fastpath.py decides when (the fast path `patch_matmul`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,9 +43,11 @@ def is_patch_conv(module: nn.Module) -> bool:
     )
 
 
-def use_patch_matmul(model: nn.Module) -> int:
-    """Run every patch-embedding Conv2d of `model` as a matrix product; returns how many were switched."""
-    convs = [m for m in model.modules() if is_patch_conv(m)]
+def use_patch_matmul(model: nn.Module, paths: Iterable[str]) -> int:
+    """Run the convs at `paths` (submodule names of `model`; absent ones are skipped) as matrix products
+    where they cut non-overlapping patches; returns how many were switched."""
+    modules = dict(model.named_modules())
+    convs = [modules[path] for path in paths if path in modules and is_patch_conv(modules[path])]
     for conv in convs:
         conv.__class__ = PatchConv2d
     return len(convs)

@@ -30,6 +30,30 @@ def reads_class_token(model: nn.Module) -> bool:
     )
 
 
+def hooked(module: nn.Module) -> bool:
+    """Whether a forward, forward-pre, backward or backward-pre hook is registered on `module` itself."""
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+    )
+
+
+def takes_shortcut(model: nn.Module) -> bool:
+    """Whether `class_token_features` may stand in for `forward_features` at this call.
+
+    Checked at every call, so that what a user changes after loading is honoured: the pooling must
+    still read only the class token (changing `global_pool` would otherwise pool one token: NaN for
+    avg), no gradient checkpointing, and no hook on a module whose forward the shortcut skips (a
+    Block, its Attention, its qkv; the ViT's own too, though neither path calls it), so feature
+    extractors and wrappers that hook them (FSDP's `fully_shard`) see timm's forward. Global hooks
+    (`register_module_forward_hook`, which torch's FLOP counter uses) do not count.
+    """
+    if not reads_class_token(model) or model.grad_checkpointing:
+        return False
+    skipped = [model, *model.blocks]
+    skipped += [m for b in model.blocks for m in (b.attn, getattr(b.attn, "qkv", None)) if m is not None]
+    return not any(hooked(m) for m in skipped)
+
+
 def attention(attn: nn.Module, x: Tensor, class_only: bool = False) -> Tensor:
     """timm `Attention.forward(x)` with q, k and v from three matrix products; `class_only`: for x[:, :1] only.
 
@@ -77,21 +101,22 @@ def class_token_features(model: VisionTransformer, x: Tensor) -> Tensor:
 class TimmBackbone(Backbone):
     """Pooled = `forward_head(pre_logits=True)`, so each model keeps its own pooling (CLS, avg, MAP).
 
-    `class_token_only`: pooled features come from `class_token_features` (set at load for plain
-    ViTs with class-token pooling and no gradient checkpointing; False gives timm's own path).
+    `class_token_only` (the fast path `class_token`, backbones/fastpath.py; off by default): pooled
+    features come from `class_token_features` at each call where `takes_shortcut` allows it.
     """
 
     family = "timm"
+    patch_convs = ("patch_embed.proj",)
 
     def __init__(self, model: nn.Module, name: str, *, timm_kwargs: dict[str, Any], **kwargs: Any) -> None:
         super().__init__(model, name, **kwargs)
-        self.class_token_only = reads_class_token(model)
+        self.class_token_only = False
         # `model` is timm.create_model(model.pretrained_cfg["architecture"], **timm_kwargs, num_classes=0):
         # what a merged state dict records so that plain timm can rebuild it
         self.timm_kwargs = timm_kwargs
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.class_token_only and not self.model.grad_checkpointing:
+        if self.class_token_only and takes_shortcut(self.model):
             return self.model.forward_head(class_token_features(self.model, x), pre_logits=True)
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
 

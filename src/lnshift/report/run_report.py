@@ -110,6 +110,10 @@ def summary_section(run: rd.RunDir, config: dict, splits: dict | None) -> Sectio
     if run.done:
         rows.append(("finished", (run / rd.DONE).read_text().strip()))
     rows.append(("environment", ", ".join(f"{k} {env[k]}" for k in ("lnshift", "torch", "timm", "cuda") if env.get(k))))
+    resolved = config.get("resolved")  # runs of earlier versions have none
+    if resolved:
+        fast = ", ".join(resolved["fast_paths"]) or "none"
+        rows.append(("runtime", f"input pipeline {resolved['input_pipeline']}, fast paths {fast}"))
     parts.append(key_values(rows))
     return Section("summary", "Run", "".join(parts))
 
