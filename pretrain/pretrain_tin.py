@@ -52,6 +52,7 @@ from common import (
     build_model,
     calibrate,
     channel_stats,
+    check_update,
     cosine,
     decode_all,
     evaluate,
@@ -67,7 +68,6 @@ from common import (
     sync,
     to_nchw,
     train,
-    update_is_finite,
 )
 from prepare_data import content_sha256, file_sha256
 
@@ -270,6 +270,7 @@ class DinoTrainer:
         self.teacher = copy.deepcopy(self.student).eval().requires_grad_(False)  # eval: no drop path
         self.center = torch.zeros(r.out_dim, device=self.device)
         self.skipped: list[int] = []
+        self.diagnoses: list[dict[str, Any]] = []
         self.initial = copy.deepcopy((self.student.state_dict(), self.teacher.state_dict()))
         self.compiled = compile_
         self.uncompile()
@@ -288,10 +289,26 @@ class DinoTrainer:
         self.teacher.load_state_dict(self.initial[1])
         self.center.zero_()
         self.skipped.clear()
+        self.diagnoses.clear()
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         r = self.recipe
         return make_optimizer(self.student, r.lr, r.weight_decay, r.betas, self.device)
+
+    def loss(
+        self,
+        student_fwd: Callable[[Tensor], Tensor],
+        teacher_fwd: Callable[[Tensor], Tensor],
+        views: tuple[Tensor, Tensor],
+        temp: float,
+    ) -> tuple[Tensor, Tensor]:
+        """The DINO loss of one batch's global and local views, and the teacher's outputs (for the centre)."""
+        r, n = self.recipe, len(views[0]) // 2
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            with torch.no_grad():
+                teacher = teacher_fwd(views[0]).float()
+            student = torch.cat([student_fwd(views[0]), student_fwd(views[1])]).float()
+        return dino_loss(student.view(-1, n, r.out_dim), teacher.view(2, n, r.out_dim), self.center, r, temp), teacher
 
     def step(
         self,
@@ -309,17 +326,18 @@ class DinoTrainer:
         loc = sample_views(r.local_crops * n, r.local_scale, torch.zeros((), device=self.device), r, gen, self.device)
         global_views = self.augment(x.repeat(2, 1, 1, 1), g, r.global_size, self.mean, self.std)
         local_views = self.augment(x.repeat(r.local_crops, 1, 1, 1), loc, r.local_size, self.mean, self.std)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            with torch.no_grad():
-                teacher = self.teacher_fwd(global_views).float()
-            student = torch.cat([self.student_fwd(global_views), self.student_fwd(local_views)]).float()
+        views = global_views, local_views
         warm = max(1, round(r.teacher_temp_warmup_frac * total))
         temp = r.teacher_temp + (r.warmup_teacher_temp - r.teacher_temp) * max(0.0, 1 - step / warm)
-        loss = dino_loss(student.view(-1, n, r.out_dim), teacher.view(2, n, r.out_dim), self.center, r, temp)
+        loss, teacher = self.loss(self.student_fwd, self.teacher_fwd, views, temp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = nn.utils.clip_grad_norm_(self.student.parameters(), r.grad_clip)
-        if not update_is_finite(loss, norm, step, self.skipped):
+
+        def eager() -> Tensor:
+            return self.loss(self.student, self.teacher, views, temp)[0]
+
+        if not check_update(self, loss, norm, step, views, {"student": self.student, "teacher": self.teacher}, eager):
             opt.zero_grad(set_to_none=True)
             return torch.zeros_like(loss)
         if step < r.freeze_last_layer_frac * total:
