@@ -473,13 +473,15 @@ def calibrate(
     recipe: Any,
     epochs: int,
     barrier: Callable[[], None] | None = None,
+    min_timed_s: float = 0.0,
 ) -> tuple[int, float]:
     """Compile and time optimiser steps; return the epochs that fit `recipe.time_budget_s` (or `epochs`), step time.
 
     Runs on a throwaway optimiser; the caller resets the trainer and `train` reseeds, so a
     calibrated run equals a run started with `--epochs` set to the chosen value. If compilation fails,
     the trainer falls back to eager mode rather than losing the GPU call. `barrier` runs between
-    warm-up and timing: runs that share a GPU time their steps while the others are training too.
+    warm-up and timing: runs that share a GPU time their steps while the others are training too, for at
+    least 30 steps and `min_timed_s` seconds, so that a fast run's timing overlaps a slow run's steps.
     """
     gen, rng = seed_everything(recipe.seed + 1, trainer.device)
     opt = trainer.make_optimizer()
@@ -499,10 +501,10 @@ def calibrate(
     print(f"calibration: compile + 5 warm-up steps {time.perf_counter() - t0:.1f} s", flush=True)
     if barrier is not None:
         barrier()
-    timed = 30
-    t0 = time.perf_counter()
-    for _ in range(timed):
+    timed, t0 = 0, time.perf_counter()
+    while timed < 30 or time.perf_counter() - t0 < min_timed_s:
         trainer.step(opt, idx, 0, 10**9, gen, rng)
+        timed += 1
     sync(trainer.device)
     step_s = (time.perf_counter() - t0) / timed
     if trainer.skipped:

@@ -435,6 +435,7 @@ def main() -> None:
     parser.add_argument("--deadline-s", type=float, default=0.0, help="end training so the script ends by then")
     parser.add_argument("--barrier-dir", type=Path, default=None)
     parser.add_argument("--barrier-count", type=int, default=1)
+    parser.add_argument("--timing-s", type=float, default=10.0, help="time calibration steps for at least this long")
     for name in ("seed", "epochs", "time_budget_s", "batch_size", "max_epochs"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(getattr(DinoRecipe(), name)), default=None)
     args = parser.parse_args()
@@ -469,7 +470,7 @@ def main() -> None:
         backbone_module = build_model(len(data.classes), recipe.drop_path_rate).to(device)
         trainer = Trainer(backbone_module, data, recipe, stats, compile_)
     barrier = make_barrier(args.barrier_dir, args.barrier_count, args.method)
-    recipe.epochs, step_s = calibrate(trainer, recipe, recipe.epochs, barrier)
+    recipe.epochs, step_s = calibrate(trainer, recipe, recipe.epochs, barrier, args.timing_s)
     trainer.reset()
     spent = time.perf_counter() - t_script
     hard_stop = args.deadline_s - spent - 40 if args.deadline_s else 1.2 * recipe.time_budget_s

@@ -1,9 +1,11 @@
 """The pretraining scripts' pieces that a GPU run cannot check cheaply: DINO's view geometry, the DINO
-loss, the frozen-feature evaluations, the guard that skips and diagnoses non-finite updates."""
+loss, the frozen-feature evaluations, the guard that skips and diagnoses non-finite updates, calibration."""
 
 import copy
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from common import (
     Recipe,
     Trainer,
     build_model,
+    calibrate,
     knn_accuracy,
     linear_probe,
     locate_non_finite,
@@ -143,3 +146,19 @@ def test_a_dino_step_with_a_non_finite_centre_leaves_student_teacher_and_centre_
     assert all(torch.equal(before[0][k], v) for k, v in trainer.student.state_dict().items())
     assert all(torch.equal(before[1][k], v) for k, v in trainer.teacher.state_dict().items())
     assert trainer.center[:3].eq(0).all() and trainer.center[3].isnan()
+
+
+def test_calibration_times_steps_for_at_least_the_minimum() -> None:
+    def step(*_: object) -> torch.Tensor:
+        time.sleep(0.001)
+        return torch.zeros(())
+
+    def make_optimizer() -> torch.optim.Optimizer:
+        return torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.0)
+
+    trainer = SimpleNamespace(
+        device=torch.device("cpu"), n_train=100, skipped=[], step=step, make_optimizer=make_optimizer
+    )
+    t0 = time.perf_counter()
+    epochs, step_s = calibrate(trainer, Recipe(batch_size=10, time_budget_s=1.0), 0, min_timed_s=0.3)
+    assert time.perf_counter() - t0 >= 0.3 and step_s >= 0.001 and epochs >= 1
