@@ -463,6 +463,17 @@ class Trainer:
         return {"test_acc": round(evaluate(self.model, data.test_x, data.test_y, self.mean, self.std, self.amp), 4)}
 
 
+def setup_cuda(device: torch.device) -> None:
+    """TF32 matmuls; attention by the flash or memory-efficient kernels, not cuDNN's (the default on H100/H200 since
+    torch 2.11), whose backward has returned NaN for some short sequences and very negative attention logits
+    (pytorch/pytorch#196678, NVIDIA/cudnn-frontend#1072). A precaution: the first GPU run of the Tiny-ImageNet
+    recipes went NaN in both trainers for a reason not found (pretrain/README.md)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, timm {timm.__version__}")
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -64,6 +64,7 @@ from common import (
     make_optimizer,
     rebuild,
     seed_everything,
+    setup_cuda,
     spaced,
     sync,
     to_nchw,
@@ -457,9 +458,7 @@ def main() -> None:
     print(f"train {tuple(data.train_x.shape)}, val {tuple(data.test_x.shape)}, mean {mean}, std {std}", flush=True)
     data = data.to(device)
     stats = torch.tensor(mean, device=device), torch.tensor(std, device=device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, timm {timm.__version__}")
+    setup_cuda(device)
 
     seed_everything(recipe.seed, device)
     compile_ = not args.no_compile
