@@ -368,11 +368,17 @@ class DinoTrainer:
 
 
 def frozen_quality(model: nn.Module, data: Images, stats: tuple[Tensor, Tensor], seed: int) -> dict[str, Any]:
-    """k-NN (k = 20) and linear-probe top-1 on the validation images, from the shipped fp16 backbone."""
+    """k-NN (k = 20) and linear-probe top-1 on the validation images, from the shipped fp16 backbone.
+
+    Non-finite features (a diverged model) are counted instead: they would crash the probe's L-BFGS."""
     amp = data.train_x.device.type == "cuda"
     t0 = time.perf_counter()
     train_f = features(model, data.train_x, *stats, amp)
     test_f = features(model, data.test_x, *stats, amp)
+    bad = int((~train_f.isfinite()).any(1).sum() + (~test_f.isfinite()).any(1).sum())
+    if bad:
+        print(f"{bad} of {len(train_f) + len(test_f)} images have non-finite features: no k-NN or probe", flush=True)
+        return {"non_finite_feature_images": bad}
     probe = linear_probe(train_f, data.train_y, test_f, data.test_y, seed=seed)
     return {
         "knn20_top1": round(knn_accuracy(train_f, data.train_y, test_f, data.test_y), 4),

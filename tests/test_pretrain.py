@@ -23,7 +23,7 @@ from common import (
     locate_non_finite,
     seed_everything,
 )
-from pretrain_tin import DinoRecipe, DinoTrainer, apply_views, dino_loss, rotate_hue
+from pretrain_tin import DinoRecipe, DinoTrainer, apply_views, dino_loss, frozen_quality, rotate_hue
 
 
 def _draws(box: list[float], n: int) -> dict[str, torch.Tensor]:
@@ -162,3 +162,11 @@ def test_calibration_times_steps_for_at_least_the_minimum() -> None:
     t0 = time.perf_counter()
     epochs, step_s = calibrate(trainer, Recipe(batch_size=10, time_budget_s=1.0), 0, min_timed_s=0.3)
     assert time.perf_counter() - t0 >= 0.3 and step_s >= 0.001 and epochs >= 1
+
+
+def test_frozen_quality_reports_non_finite_features_instead_of_probing() -> None:
+    data = _images(40, classes=4)
+    model = build_model(0, 0.0).eval()
+    model.fc_norm.bias.data[0] = float("nan")
+    quality = frozen_quality(model, data, (torch.full((3,), 0.5), torch.full((3,), 0.25)), seed=0)
+    assert quality == {"non_finite_feature_images": 80}
