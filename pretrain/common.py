@@ -25,6 +25,7 @@ import timm.optim
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from timm.layers import Attention
 from torch import Tensor, nn
 
 ARCH = "vit_tiny_patch16_224"
@@ -300,6 +301,34 @@ def evaluate(model: nn.Module, x_u8: Tensor, y: Tensor, mean: Tensor, std: Tenso
     return correct.item() / len(y)
 
 
+@torch.no_grad()
+def attention_extremes(model: nn.Module, x_u8: Tensor, mean: Tensor, std: Tensor) -> dict[str, float]:
+    """The lowest row log-sum-exp and the largest |logit| over every attention softmax of `model` on one batch
+    (eval mode, float32). Softmax ignores a constant added to a row, so nothing stops a row's logits from
+    drifting far below zero under AdamW; cuDNN's attention backward has returned NaN once a row's log-sum-exp
+    falls below about -88 (see `setup_cuda`). A progress signal for the GPU logs, not a selection."""
+    found = {"attn_lse_min": math.inf, "attn_logit_absmax": 0.0}
+
+    def record(attn: Attention, inputs: tuple[Tensor, ...], _: Tensor) -> None:
+        x = inputs[0].float()
+        qkv = F.linear(x, attn.qkv.weight.float(), None if attn.qkv.bias is None else attn.qkv.bias.float())
+        q, k, _v = qkv.view(*x.shape[:2], 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        logits = attn.q_norm(q) @ attn.k_norm(k).transpose(-2, -1) * attn.scale
+        found["attn_lse_min"] = min(found["attn_lse_min"], round(logits.logsumexp(-1).min().item(), 2))
+        found["attn_logit_absmax"] = max(found["attn_logit_absmax"], round(logits.abs().max().item(), 2))
+
+    handles = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, Attention)]
+    was_training = model.training
+    model.eval()
+    try:
+        model(normalize(x_u8, mean, std))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return found
+
+
 def locate_non_finite(modules: dict[str, nn.Module], loss_fn: Callable[[], Tensor]) -> tuple[bool, str]:
     """Re-run one step's loss and backward eagerly with a finite check on every submodule's output and anomaly
     detection in the backward: whether it came out finite this time, and if not, where it first did not.
@@ -460,7 +489,8 @@ class Trainer:
 
     def monitor(self) -> dict[str, float]:
         data = self.data
-        return {"test_acc": round(evaluate(self.model, data.test_x, data.test_y, self.mean, self.std, self.amp), 4)}
+        acc = evaluate(self.model, data.test_x, data.test_y, self.mean, self.std, self.amp)
+        return {"test_acc": round(acc, 4), **attention_extremes(self.model, data.test_x[:500], self.mean, self.std)}
 
 
 def setup_cuda(device: torch.device) -> None:

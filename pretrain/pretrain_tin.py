@@ -48,6 +48,7 @@ from common import (
     Images,
     Recipe,
     Trainer,
+    attention_extremes,
     blend,
     build_model,
     calibrate,
@@ -357,11 +358,13 @@ class DinoTrainer:
         return loss.detach()
 
     def monitor(self) -> dict[str, float]:
-        """k-NN accuracy of the teacher's backbone on the validation images (a progress signal, not a selection)."""
+        """k-NN accuracy of the teacher's backbone on the validation images and the student's attention extremes
+        (progress signals, not a selection)."""
         backbone, data = self.teacher.backbone, self.data
         train_f = features(backbone, data.train_x, self.mean, self.std, self.amp)
         test_f = features(backbone, data.test_x, self.mean, self.std, self.amp)
-        return {"knn_acc": round(knn_accuracy(train_f, data.train_y, test_f, data.test_y), 4)}
+        knn = knn_accuracy(train_f, data.train_y, test_f, data.test_y)
+        return {"knn_acc": round(knn, 4), **attention_extremes(self.student, data.test_x[:500], self.mean, self.std)}
 
 
 # ------------------------------------------------------------------------------------ evaluate

@@ -2,6 +2,7 @@
 loss, the frozen-feature evaluations, the guard that skips and diagnoses non-finite updates, calibration."""
 
 import copy
+import math
 import sys
 import time
 from pathlib import Path
@@ -16,11 +17,13 @@ from common import (
     Images,
     Recipe,
     Trainer,
+    attention_extremes,
     build_model,
     calibrate,
     knn_accuracy,
     linear_probe,
     locate_non_finite,
+    normalize,
     seed_everything,
 )
 from pretrain_tin import DinoRecipe, DinoTrainer, apply_views, dino_loss, frozen_quality, rotate_hue
@@ -162,6 +165,20 @@ def test_calibration_times_steps_for_at_least_the_minimum() -> None:
     t0 = time.perf_counter()
     epochs, step_s = calibrate(trainer, Recipe(batch_size=10, time_budget_s=1.0), 0, min_timed_s=0.3)
     assert time.perf_counter() - t0 >= 0.3 and step_s >= 0.001 and epochs >= 1
+
+
+def test_attention_extremes_see_a_row_offset_that_the_model_output_ignores() -> None:
+    torch.manual_seed(0)
+    model = build_model(0, 0.0).eval()
+    x, stats = _images(4).train_x, (torch.full((3,), 0.5), torch.full((3,), 0.25))
+    before, out = attention_extremes(model, x, *stats), model(normalize(x, *stats))
+    assert 0 < before["attn_lse_min"] < math.log(64) + 1 and before["attn_logit_absmax"] < 5
+    attn = model.blocks[0].attn
+    with torch.no_grad():  # a key bias adds q . b to every logit of a row: softmax cannot see it
+        attn.qkv.bias[192 : 192 + 64] += 1e4 * torch.randn(64)
+    after = attention_extremes(model, x, *stats)
+    assert after["attn_lse_min"] < -88 and after["attn_logit_absmax"] > 88
+    torch.testing.assert_close(model(normalize(x, *stats)), out, atol=1e-3, rtol=0)
 
 
 def test_frozen_quality_reports_non_finite_features_instead_of_probing() -> None:
