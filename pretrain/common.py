@@ -496,8 +496,9 @@ class Trainer:
 def setup_cuda(device: torch.device) -> None:
     """TF32 matmuls; attention by the flash or memory-efficient kernels, not cuDNN's (the default on H100/H200 since
     torch 2.11), whose backward has returned NaN for some short sequences and very negative attention logits
-    (pytorch/pytorch#196678, NVIDIA/cudnn-frontend#1072). A precaution: the first GPU run of the Tiny-ImageNet
-    recipes went NaN in both trainers for a reason not found (pretrain/README.md)."""
+    (pytorch/pytorch#196678, NVIDIA/cudnn-frontend#1072). A precaution, not a proven cure: both recipes drive
+    some rows' logits far below zero within ~100 steps on the CPU (`attention_extremes`), and the first GPU run
+    of the Tiny-ImageNet recipes went NaN in both trainers (pretrain/README.md)."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cuda.enable_cudnn_sdp(False)
