@@ -13,8 +13,10 @@ import math
 import multiprocessing
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -23,6 +25,7 @@ import timm.optim
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from timm.layers import Attention
 from torch import Tensor, nn
 
 ARCH = "vit_tiny_patch16_224"
@@ -298,17 +301,103 @@ def evaluate(model: nn.Module, x_u8: Tensor, y: Tensor, mean: Tensor, std: Tenso
     return correct.item() / len(y)
 
 
-def update_is_finite(loss: Tensor, grad_norm: Tensor, step: int, skipped: list[int]) -> bool:
-    """Whether this step's loss and gradient are finite; if not, the caller skips the update (as AMP's GradScaler
-    does) and the step is recorded, so one bad batch cannot turn every weight into NaN.
+@torch.no_grad()
+def attention_extremes(model: nn.Module, x_u8: Tensor, mean: Tensor, std: Tensor) -> dict[str, float]:
+    """The lowest row log-sum-exp and the largest |logit| over every attention softmax of `model` on one batch
+    (eval mode, float32). Softmax ignores a constant added to a row, so nothing stops a row's logits from
+    drifting far below zero under AdamW; cuDNN's attention backward has returned NaN once a row's log-sum-exp
+    falls below about -88 (see `setup_cuda`). A progress signal for the GPU logs, not a selection."""
+    found = {"attn_lse_min": math.inf, "attn_logit_absmax": 0.0}
 
-    The first GPU run of the Tiny-ImageNet recipes (pretrain/README.md) went NaN in both trainers; this keeps a
-    run alive and says how often it happened. It costs one host sync per step."""
-    if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+    def record(attn: Attention, inputs: tuple[Tensor, ...], _: Tensor) -> None:
+        x = inputs[0].float()
+        qkv = F.linear(x, attn.qkv.weight.float(), None if attn.qkv.bias is None else attn.qkv.bias.float())
+        q, k, _v = qkv.view(*x.shape[:2], 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        logits = attn.q_norm(q) @ attn.k_norm(k).transpose(-2, -1) * attn.scale
+        found["attn_lse_min"] = min(found["attn_lse_min"], round(logits.logsumexp(-1).min().item(), 2))
+        found["attn_logit_absmax"] = max(found["attn_logit_absmax"], round(logits.abs().max().item(), 2))
+
+    handles = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, Attention)]
+    was_training = model.training
+    model.eval()
+    try:
+        model(normalize(x_u8, mean, std))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return found
+
+
+def locate_non_finite(modules: dict[str, nn.Module], loss_fn: Callable[[], Tensor]) -> tuple[bool, str]:
+    """Re-run one step's loss and backward eagerly with a finite check on every submodule's output and anomaly
+    detection in the backward: whether it came out finite this time, and if not, where it first did not.
+
+    The caller zeroes the gradients the re-run leaves behind."""
+    params = {f"{name}.{p}": w for name, module in modules.items() for p, w in module.named_parameters()}
+    bad = [name for name, w in params.items() if not w.isfinite().all()]
+    if bad:
+        return False, f"non-finite parameters before the step: {', '.join(bad[:5])}"
+    names = {m: f"{name}.{sub}".rstrip(".") for name, module in modules.items() for sub, m in module.named_modules()}
+    first: list[str] = []
+
+    def check(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        outputs = output if isinstance(output, tuple) else (output,)
+        if first or all(t.isfinite().all() for t in outputs if isinstance(t, Tensor) and t.is_floating_point()):
+            return
+        finite_in = all(t.isfinite().all() for t in inputs if isinstance(t, Tensor) and t.is_floating_point())
+        first.append(f"output of {names[module]} ({type(module).__name__}; inputs {'' if finite_in else 'non-'}finite)")
+
+    handles = [m.register_forward_hook(check) for m in names]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # anomaly mode's notices: that it is on, the forward's traceback
+            with torch.autograd.detect_anomaly(check_nan=True):
+                loss = loss_fn()
+                if first or not loss.isfinite():
+                    return False, first[0] if first else f"the loss ({loss.item()}), every module output finite"
+                loss.backward()
+    except RuntimeError as error:  # anomaly mode names the backward function that returned NaN
+        return False, f"backward: {str(error).splitlines()[0]}"
+    finally:
+        for handle in handles:
+            handle.remove()
+    return True, "finite when re-run eagerly"
+
+
+DIAGNOSED_STEPS = 3  # non-finite steps re-run eagerly to locate the fault; later ones are only counted
+
+
+def check_update(
+    trainer: StepTrainer,
+    loss: Tensor,
+    grad_norm: Tensor,
+    step: int,
+    inputs: tuple[Tensor, ...],
+    modules: dict[str, nn.Module],
+    eager_loss: Callable[[], Tensor],
+) -> bool:
+    """Whether this step's loss and gradient are finite; if not, the caller skips the update (as AMP's GradScaler
+    does), so one bad batch cannot turn every weight into NaN. Costs one host sync per step.
+
+    The first `DIAGNOSED_STEPS` failures are diagnosed and recorded in `trainer.diagnoses`: non-finite augmented
+    `inputs`, or else the first non-finite module output or backward function when the step is re-run eagerly on
+    the same inputs (`eager_loss`, through `modules`). A compiled trainer whose augmentation made the non-finite
+    inputs, or whose failed step comes out finite eagerly, trains eagerly from then on: the first GPU run of the
+    Tiny-ImageNet recipes went NaN in both compiled trainers (pretrain/README.md)."""
+    if bool(loss.isfinite() & grad_norm.isfinite()):
         return True
-    skipped.append(step)
-    if len(skipped) <= 5:
-        print(f"step {step}: non-finite loss {loss.item()} or gradient norm {grad_norm.item()}; update skipped")
+    trainer.skipped.append(step)
+    if len(trainer.skipped) > DIAGNOSED_STEPS:
+        return False
+    inputs_finite = all(bool(x.isfinite().all()) for x in inputs)
+    finite, where = locate_non_finite(modules, eager_loss) if inputs_finite else (False, "the augmented inputs")
+    note = {"step": step, "loss": loss.item(), "grad_norm": grad_norm.item(), "compiled": trainer.compiled}
+    trainer.diagnoses.append({**note, "eager_rerun_finite": finite, "where": where})
+    print(f"step {step}: non-finite loss or gradient norm {json.dumps(note)}, update skipped; located: {where}")
+    if trainer.compiled and (finite or not inputs_finite):
+        print(f"step {step}: the compiled step went non-finite where eager mode does not: training eagerly from here")
+        trainer.uncompile()
     return False
 
 
@@ -319,6 +408,7 @@ class StepTrainer(Protocol):
     compiled: bool
     n_train: int
     skipped: list[int]
+    diagnoses: list[dict[str, Any]]
 
     def make_optimizer(self) -> torch.optim.Optimizer: ...
     def step(
@@ -349,11 +439,13 @@ class Trainer:
         self.augment = torch.compile(apply_aug) if compile_ else apply_aug
         self.initial = {k: v.clone() for k, v in model.state_dict().items()}
         self.skipped: list[int] = []
+        self.diagnoses: list[dict[str, Any]] = []
 
     def reset(self) -> None:
         """Back to the seeded initial weights, after calibration."""
         self.model.load_state_dict(self.initial)
         self.skipped.clear()
+        self.diagnoses.clear()
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         r = self.recipe
@@ -361,6 +453,11 @@ class Trainer:
 
     def uncompile(self) -> None:
         self.forward, self.augment, self.compiled = self.model, apply_aug, False
+
+    def loss(self, forward: Callable[[Tensor], Tensor], x: Tensor, targets: Tensor) -> Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            logits = forward(x)
+        return torch.sum(-targets * F.log_softmax(logits.float(), dim=1), dim=1).mean()
 
     def step(
         self,
@@ -376,13 +473,12 @@ class Trainer:
         x = self.augment(self.data.train_x[idx], draws, self.mean, self.std)
         targets = smooth_targets(self.data.train_y[idx], r.label_smoothing, len(self.data.classes))
         x, targets = mix(x, targets, r, rng)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            logits = self.forward(x)
-        loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=1), dim=1).mean()
+        loss = self.loss(self.forward, x, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), r.grad_clip)
-        if not update_is_finite(loss, norm, step, self.skipped):
+        eager = partial(self.loss, self.model, x, targets)
+        if not check_update(self, loss, norm, step, (x,), {"model": self.model}, eager):
             opt.zero_grad(set_to_none=True)
             return torch.zeros_like(loss)
         lr = cosine(step, total, max(1, round(r.warmup_frac * total)), r.lr, r.min_lr)
@@ -393,7 +489,20 @@ class Trainer:
 
     def monitor(self) -> dict[str, float]:
         data = self.data
-        return {"test_acc": round(evaluate(self.model, data.test_x, data.test_y, self.mean, self.std, self.amp), 4)}
+        acc = evaluate(self.model, data.test_x, data.test_y, self.mean, self.std, self.amp)
+        return {"test_acc": round(acc, 4), **attention_extremes(self.model, data.test_x[:500], self.mean, self.std)}
+
+
+def setup_cuda(device: torch.device) -> None:
+    """TF32 matmuls; attention by the flash or memory-efficient kernels, not cuDNN's (the default on H100/H200 since
+    torch 2.11), whose backward has returned NaN for some short sequences and very negative attention logits
+    (pytorch/pytorch#196678, NVIDIA/cudnn-frontend#1072). A precaution, not a proven cure: both recipes drive
+    some rows' logits far below zero within ~100 steps on the CPU (`attention_extremes`), and the first GPU run
+    of the Tiny-ImageNet recipes went NaN in both trainers (pretrain/README.md)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, timm {timm.__version__}")
 
 
 def sync(device: torch.device) -> None:
@@ -406,13 +515,15 @@ def calibrate(
     recipe: Any,
     epochs: int,
     barrier: Callable[[], None] | None = None,
+    min_timed_s: float = 0.0,
 ) -> tuple[int, float]:
     """Compile and time optimiser steps; return the epochs that fit `recipe.time_budget_s` (or `epochs`), step time.
 
     Runs on a throwaway optimiser; the caller resets the trainer and `train` reseeds, so a
     calibrated run equals a run started with `--epochs` set to the chosen value. If compilation fails,
     the trainer falls back to eager mode rather than losing the GPU call. `barrier` runs between
-    warm-up and timing: runs that share a GPU time their steps while the others are training too.
+    warm-up and timing: runs that share a GPU time their steps while the others are training too, for at
+    least 30 steps and `min_timed_s` seconds, so that a fast run's timing overlaps a slow run's steps.
     """
     gen, rng = seed_everything(recipe.seed + 1, trainer.device)
     opt = trainer.make_optimizer()
@@ -432,12 +543,14 @@ def calibrate(
     print(f"calibration: compile + 5 warm-up steps {time.perf_counter() - t0:.1f} s", flush=True)
     if barrier is not None:
         barrier()
-    timed = 30
-    t0 = time.perf_counter()
-    for _ in range(timed):
+    timed, t0 = 0, time.perf_counter()
+    while timed < 30 or time.perf_counter() - t0 < min_timed_s:
         trainer.step(opt, idx, 0, 10**9, gen, rng)
+        timed += 1
     sync(trainer.device)
     step_s = (time.perf_counter() - t0) / timed
+    if trainer.skipped:
+        print(f"calibration: {len(trainer.skipped)} of {timed + 5} steps non-finite", flush=True)
     epoch_s = step_s * steps_per_epoch * 1.03  # per-epoch shuffle, logging and evals
     if not epochs:
         epochs = int(recipe.time_budget_s / epoch_s)
@@ -492,6 +605,7 @@ def train(trainer: StepTrainer, recipe: Any, hard_stop_s: float) -> dict[str, An
         "stopped_early": stopped_early,
         "skipped_steps": len(trainer.skipped),
         "first_skipped_steps": trainer.skipped[:20],
+        "non_finite_diagnoses": trainer.diagnoses,
     }
 
 

@@ -48,6 +48,7 @@ from common import (
     fp16_backbone,
     rebuild,
     seed_everything,
+    setup_cuda,
     spaced,
     to_nchw,
     train,
@@ -118,9 +119,7 @@ def main() -> None:
     print(f"train {tuple(data.train_x.shape)}, test {tuple(data.test_x.shape)}, mean {mean}, std {std}")
     data = data.to(device)
     stats = torch.tensor(mean, device=device), torch.tensor(std, device=device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, timm {timm.__version__}")
+    setup_cuda(device)
 
     seed_everything(recipe.seed, device)
     model = build_model(len(CLASSES), recipe.drop_path_rate).to(device)

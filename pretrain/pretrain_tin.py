@@ -48,10 +48,12 @@ from common import (
     Images,
     Recipe,
     Trainer,
+    attention_extremes,
     blend,
     build_model,
     calibrate,
     channel_stats,
+    check_update,
     cosine,
     decode_all,
     evaluate,
@@ -63,11 +65,11 @@ from common import (
     make_optimizer,
     rebuild,
     seed_everything,
+    setup_cuda,
     spaced,
     sync,
     to_nchw,
     train,
-    update_is_finite,
 )
 from prepare_data import content_sha256, file_sha256
 
@@ -270,6 +272,7 @@ class DinoTrainer:
         self.teacher = copy.deepcopy(self.student).eval().requires_grad_(False)  # eval: no drop path
         self.center = torch.zeros(r.out_dim, device=self.device)
         self.skipped: list[int] = []
+        self.diagnoses: list[dict[str, Any]] = []
         self.initial = copy.deepcopy((self.student.state_dict(), self.teacher.state_dict()))
         self.compiled = compile_
         self.uncompile()
@@ -288,10 +291,26 @@ class DinoTrainer:
         self.teacher.load_state_dict(self.initial[1])
         self.center.zero_()
         self.skipped.clear()
+        self.diagnoses.clear()
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         r = self.recipe
         return make_optimizer(self.student, r.lr, r.weight_decay, r.betas, self.device)
+
+    def loss(
+        self,
+        student_fwd: Callable[[Tensor], Tensor],
+        teacher_fwd: Callable[[Tensor], Tensor],
+        views: tuple[Tensor, Tensor],
+        temp: float,
+    ) -> tuple[Tensor, Tensor]:
+        """The DINO loss of one batch's global and local views, and the teacher's outputs (for the centre)."""
+        r, n = self.recipe, len(views[0]) // 2
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            with torch.no_grad():
+                teacher = teacher_fwd(views[0]).float()
+            student = torch.cat([student_fwd(views[0]), student_fwd(views[1])]).float()
+        return dino_loss(student.view(-1, n, r.out_dim), teacher.view(2, n, r.out_dim), self.center, r, temp), teacher
 
     def step(
         self,
@@ -309,17 +328,18 @@ class DinoTrainer:
         loc = sample_views(r.local_crops * n, r.local_scale, torch.zeros((), device=self.device), r, gen, self.device)
         global_views = self.augment(x.repeat(2, 1, 1, 1), g, r.global_size, self.mean, self.std)
         local_views = self.augment(x.repeat(r.local_crops, 1, 1, 1), loc, r.local_size, self.mean, self.std)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            with torch.no_grad():
-                teacher = self.teacher_fwd(global_views).float()
-            student = torch.cat([self.student_fwd(global_views), self.student_fwd(local_views)]).float()
+        views = global_views, local_views
         warm = max(1, round(r.teacher_temp_warmup_frac * total))
         temp = r.teacher_temp + (r.warmup_teacher_temp - r.teacher_temp) * max(0.0, 1 - step / warm)
-        loss = dino_loss(student.view(-1, n, r.out_dim), teacher.view(2, n, r.out_dim), self.center, r, temp)
+        loss, teacher = self.loss(self.student_fwd, self.teacher_fwd, views, temp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = nn.utils.clip_grad_norm_(self.student.parameters(), r.grad_clip)
-        if not update_is_finite(loss, norm, step, self.skipped):
+
+        def eager() -> Tensor:
+            return self.loss(self.student, self.teacher, views, temp)[0]
+
+        if not check_update(self, loss, norm, step, views, {"student": self.student, "teacher": self.teacher}, eager):
             opt.zero_grad(set_to_none=True)
             return torch.zeros_like(loss)
         if step < r.freeze_last_layer_frac * total:
@@ -338,22 +358,30 @@ class DinoTrainer:
         return loss.detach()
 
     def monitor(self) -> dict[str, float]:
-        """k-NN accuracy of the teacher's backbone on the validation images (a progress signal, not a selection)."""
+        """k-NN accuracy of the teacher's backbone on the validation images and the student's attention extremes
+        (progress signals, not a selection)."""
         backbone, data = self.teacher.backbone, self.data
         train_f = features(backbone, data.train_x, self.mean, self.std, self.amp)
         test_f = features(backbone, data.test_x, self.mean, self.std, self.amp)
-        return {"knn_acc": round(knn_accuracy(train_f, data.train_y, test_f, data.test_y), 4)}
+        knn = knn_accuracy(train_f, data.train_y, test_f, data.test_y)
+        return {"knn_acc": round(knn, 4), **attention_extremes(self.student, data.test_x[:500], self.mean, self.std)}
 
 
 # ------------------------------------------------------------------------------------ evaluate
 
 
 def frozen_quality(model: nn.Module, data: Images, stats: tuple[Tensor, Tensor], seed: int) -> dict[str, Any]:
-    """k-NN (k = 20) and linear-probe top-1 on the validation images, from the shipped fp16 backbone."""
+    """k-NN (k = 20) and linear-probe top-1 on the validation images, from the shipped fp16 backbone.
+
+    Non-finite features (a diverged model) are counted instead: they would crash the probe's L-BFGS."""
     amp = data.train_x.device.type == "cuda"
     t0 = time.perf_counter()
     train_f = features(model, data.train_x, *stats, amp)
     test_f = features(model, data.test_x, *stats, amp)
+    bad = int((~train_f.isfinite()).any(1).sum() + (~test_f.isfinite()).any(1).sum())
+    if bad:
+        print(f"{bad} of {len(train_f) + len(test_f)} images have non-finite features: no k-NN or probe", flush=True)
+        return {"non_finite_feature_images": bad}
     probe = linear_probe(train_f, data.train_y, test_f, data.test_y, seed=seed)
     return {
         "knn20_top1": round(knn_accuracy(train_f, data.train_y, test_f, data.test_y), 4),
@@ -417,6 +445,7 @@ def main() -> None:
     parser.add_argument("--deadline-s", type=float, default=0.0, help="end training so the script ends by then")
     parser.add_argument("--barrier-dir", type=Path, default=None)
     parser.add_argument("--barrier-count", type=int, default=1)
+    parser.add_argument("--timing-s", type=float, default=10.0, help="time calibration steps for at least this long")
     for name in ("seed", "epochs", "time_budget_s", "batch_size", "max_epochs"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(getattr(DinoRecipe(), name)), default=None)
     args = parser.parse_args()
@@ -438,9 +467,7 @@ def main() -> None:
     print(f"train {tuple(data.train_x.shape)}, val {tuple(data.test_x.shape)}, mean {mean}, std {std}", flush=True)
     data = data.to(device)
     stats = torch.tensor(mean, device=device), torch.tensor(std, device=device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, timm {timm.__version__}")
+    setup_cuda(device)
 
     seed_everything(recipe.seed, device)
     compile_ = not args.no_compile
@@ -451,7 +478,7 @@ def main() -> None:
         backbone_module = build_model(len(data.classes), recipe.drop_path_rate).to(device)
         trainer = Trainer(backbone_module, data, recipe, stats, compile_)
     barrier = make_barrier(args.barrier_dir, args.barrier_count, args.method)
-    recipe.epochs, step_s = calibrate(trainer, recipe, recipe.epochs, barrier)
+    recipe.epochs, step_s = calibrate(trainer, recipe, recipe.epochs, barrier, args.timing_s)
     trainer.reset()
     spent = time.perf_counter() - t_script
     hard_stop = args.deadline_s - spent - 40 if args.deadline_s else 1.2 * recipe.time_budget_s
