@@ -92,25 +92,44 @@ register(
     )
 )
 
+# lnshift's own bundled models (pretrain/): one ViT-Tiny layout, patch 4 at 32 px, mean-pooled
+BUNDLED_VIT: dict[str, Any] = {
+    "img_size": 32,
+    "patch_size": 4,
+    "embed_dim": 192,
+    "depth": 6,
+    "num_heads": 3,
+    "mlp_ratio": 4.0,
+    "class_token": False,
+    "global_pool": "avg",
+}
+
 register(
     ModelSpec(
         name="lnshift/vit-tiny-cifar10",
         source="timm",
         arch="vit_tiny_patch16_224",
-        model_kwargs={
-            "img_size": 32,
-            "patch_size": 4,
-            "embed_dim": 192,
-            "depth": 6,
-            "num_heads": 3,
-            "mlp_ratio": 4.0,
-            "class_token": False,
-            "global_pool": "avg",
-        },
+        model_kwargs=BUNDLED_VIT,
         weights="vit-tiny-cifar10.safetensors",
         license="apache-2.0 (weights trained by lnshift on CIFAR-10 train)",
         notes="bundled compact foundation model: 2.7M-parameter ViT, patch 4 at 32 px, supervised on CIFAR-10 "
         "(86.7% test accuracy); recipe in pretrain/README.md. PACS and LC25000 are unseen.",
+    )
+)
+
+register(
+    ModelSpec(
+        name="lnshift/vit-tiny-in200-sup",
+        source="timm",
+        arch="vit_tiny_patch16_224",
+        model_kwargs=BUNDLED_VIT,
+        weights="vit-tiny-in200-sup.safetensors",
+        license="ImageNet terms of access (non-commercial research and education) apply: weights trained by "
+        "lnshift on Tiny-ImageNet-200 train, a subset of ImageNet",
+        notes="bundled compact model with broader pretraining: the same 2.7M-parameter ViT, supervised on the "
+        "100,000 Tiny-ImageNet-200 training images at 32 px (200 classes; 33.5% linear probe on its validation "
+        "images); recipe and quality in pretrain/README.md. CIFAR-10-like photos are near its pretraining data; "
+        "PACS art/cartoon/sketch, LC25000 and brain MRI lie outside it.",
     )
 )
 
