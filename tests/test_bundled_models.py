@@ -51,3 +51,12 @@ def test_fit_trains_the_tiny_imagenet_model_on_pacs(tmp_path: Path) -> None:
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["test"]["sketch"]["accuracy"] <= 1
     assert "lnshift/vit-tiny-in200-sup" in (out / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_registry_architecture_is_the_one_pretrain_builds(name: str) -> None:
+    """pretrain/ runs without lnshift on the GPU, so it keeps its own copy of the layout: the two must agree."""
+    path = ASSETS / registry.get(name).weights
+    with safe_open(str(path), "pt") as f:
+        recipe = json.loads(f.metadata()["lnshift.recipe"])
+    assert recipe["model_kwargs"] == registry.get(name).model_kwargs
