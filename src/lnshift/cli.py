@@ -305,7 +305,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     pool = None
     if not args.collect and worker_count(args.devices, args.per_device) > 1:
-        pool = WorkerPool(args.devices, args.per_device)  # the workers import torch now, alongside this process
+        # the workers import the sweep code (and torch) now, alongside this process
+        pool = WorkerPool(args.devices, args.per_device, preload=["lnshift.sweep"])
     try:
         from .sweep import collect, load_sweep, parse_shard, run_sweep
 

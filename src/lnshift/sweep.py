@@ -374,7 +374,7 @@ def _run_sweep(
         outcomes: Iterable[tuple[str, str | None]] = ((job.unit, attempt(sweep, job, echo)) for job in jobs)
     else:
         check_gpus(pool.devices, sweep)
-        outcomes = pool.run([(sweep, job) for job in heaviest_first(jobs)], echo)
+        outcomes = pool.run(attempt, {job.unit: (sweep, job) for job in heaviest_first(jobs)}, echo)
     failed = {**failed_batches, **{unit: error for unit, error in outcomes if error is not None}}
     if shard is None:
         collect(sweep, echo)
