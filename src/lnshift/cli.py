@@ -31,7 +31,7 @@ def _fit_options(p: argparse.ArgumentParser) -> None:
 def cmd_fit(args: argparse.Namespace) -> int:
     from . import distributed as dist
     from .evaluate import resolve_device
-    from .fit import fit
+    from .pipeline import fit
 
     cfg = config_from_args(args)
     if not dist.launched() and cfg.devices > 1:  # the same command, once per GPU, under torchrun
