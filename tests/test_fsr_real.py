@@ -14,7 +14,7 @@ import pytest
 
 from lnshift import rundir as rd
 from lnshift.config import FitConfig
-from lnshift.fit import fit
+from lnshift.pipeline import fit
 from lnshift.saved_run import estimate_fsr_of_run, fsr_of_run
 
 PACS = Path(__file__).resolve().parents[2] / "shared" / "data" / "pacs.zip"

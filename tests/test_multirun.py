@@ -235,7 +235,9 @@ def test_sweep_searches_learning_rates_in_the_batched_pass(tmp_path, device, mon
 
     sweep = batched_sweep(tmp_path, ["lp", "ln", "ln+auto"], device=device)
     sweep.search.update({"lr": [0.01, 0.1], "lp": {"lr": [0.03]}})
-    monkeypatch.setattr(search, "_fit", lambda *a, **k: pytest.fail("a candidate trained outside the batched pass"))
+    monkeypatch.setattr(
+        search, "train_run", lambda *a, **k: pytest.fail("a candidate trained outside the batched pass")
+    )
     sw.run_sweep(sweep, echo=lambda _: None, batched=True)
     rows = {r["id"]: r for r in json.loads((sweep.out / "results.json").read_text())["rows"]}
     assert len(rows) == 3 * 2 * 2
@@ -264,8 +266,8 @@ def test_sweep_searches_learning_rates_in_the_batched_pass(tmp_path, device, mon
 def test_learning_rate_candidates_in_one_pass_are_the_runs_fit_makes(tmp_path, device):
     """Candidates share their data and batches; each is still the run `fit` makes at its learning rate."""
     from lnshift import sweep as sw
-    from lnshift.fit import fit
     from lnshift.multirun import fit_batched
+    from lnshift.pipeline import fit
 
     sweep = batched_sweep(tmp_path, ["ln"], device=device)
     cell = sw.cells(sweep)[0]
@@ -283,7 +285,7 @@ def test_a_candidate_that_diverges_in_the_batched_pass_is_a_failed_candidate(tmp
     from lnshift import multirun
     from lnshift import rundir as rd
     from lnshift import sweep as sw
-    from lnshift.fit import fit
+    from lnshift.pipeline import fit
     from lnshift.search import SEARCH_JSON, candidate_config, candidates
 
     real = multirun.train_runs
@@ -300,7 +302,7 @@ def test_a_candidate_that_diverges_in_the_batched_pass_is_a_failed_candidate(tmp
     cfg = replace(sweep.fit_config(sw.cells(sweep)[0]), search={"lr": [0.01, 0.1]})
     runs = multirun.fit_batched([candidate_config(cfg, v) for v in candidates(cfg.search)], CPU, score_tests=False)
     assert [r.done for r in runs] == [True, False] and "NonFiniteLossError" in (runs[1] / rd.FAILED).read_text()
-    monkeypatch.setattr("lnshift.search._fit", lambda *a, **k: pytest.fail("a candidate was trained again"))
+    monkeypatch.setattr("lnshift.search.train_run", lambda *a, **k: pytest.fail("a candidate was trained again"))
     fit(replace(cfg, resume=True), echo=None)  # as the sweep finishes a cell whose candidates are trained
     result = json.loads((tmp_path / "s" / "runs" / sw.cells(sweep)[0].unit / SEARCH_JSON).read_text())
     assert [c["status"] for c in result["candidates"]] == ["done", "failed"] and result["chosen"] == {"lr": 0.01}
@@ -340,8 +342,8 @@ def test_a_batched_run_is_the_run_fit_makes(tmp_path, method, options, device):
     """Same splits, batches, phases and optimiser steps as `lnshift fit --select last`: the same tensors and metrics."""
     from lnshift import rundir as rd
     from lnshift import sweep as sw
-    from lnshift.fit import fit
     from lnshift.multirun import fit_batched
+    from lnshift.pipeline import fit
 
     sweep = batched_sweep(tmp_path, [method], device=device)
     cfgs = [replace(sweep.fit_config(c), **options) for c in sw.cells(sweep) if c.seed == 0]  # both regimes
@@ -368,8 +370,8 @@ def test_runs_with_an_epoch_budget_are_batched_by_length_and_equal_fit(tmp_path,
     """With `epochs`, 2 shots and the full split make runs of different lengths: each is still fit's run."""
     from lnshift import rundir as rd
     from lnshift import sweep as sw
-    from lnshift.fit import fit
     from lnshift.multirun import fit_batched
+    from lnshift.pipeline import fit
 
     sweep = batched_sweep(tmp_path, ["cyclic"], device=device)
     cfgs = [

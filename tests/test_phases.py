@@ -53,7 +53,7 @@ def test_fsr_sub_runs_of_cyclic_kx_train_the_runs_steps_per_phase(monkeypatch, t
     from lnshift.fsr_runs import sub_run
 
     seen = []
-    monkeypatch.setattr("lnshift.fit.fit", lambda cfg, echo=None: seen.append(cfg))
+    monkeypatch.setattr("lnshift.fsr_runs.train_run", lambda cfg, device, echo: seen.append(cfg))
     for method in ("cyclic", "cyclic-kx"):
         cfg = FitConfig(method=method, cycles=2, steps=12)
         total = sum(phase_steps(method, 2, 12))

@@ -7,10 +7,14 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from lnshift import fit as fit_module
+from lnshift import pipeline
 from lnshift import rundir as rd
+from lnshift.config import FitConfig
 from lnshift.fit import load_resume_state, save_resume_state
 from lnshift.loop import PhaseState
 from tiny import TINY
@@ -43,6 +47,38 @@ def test_sigkill_during_training_then_resume(tmp_path):
     ma = rd.RunDir(tmp_path / "whole").read_json(rd.METRICS)
     mb = rd.RunDir(cut).read_json(rd.METRICS)
     assert ma == mb
+
+
+def test_a_run_interrupted_in_its_final_lambda_resumes_without_training_again(tmp_path, monkeypatch):
+    """Training leaves a run with a final lambda open (checkpoint kept, no metrics, no DONE); --resume goes on
+    to the lambda and ends as an uninterrupted run."""
+    options = {"model": "lnshift/test-vit", "model_kwargs": {"img_size": 32, "patch_size": 8}, "method": "lp-ln"}
+    options |= {"shots": 4, "steps": 4, "batch_size": 8, "min_epoch_steps": 1, "workers": 0, "progress": False}
+    options |= {"test": {"sketch": "builtin:pacs-mini/sketch"}, "lam": "auto", "lambda_grid": "0,1,2"}
+    whole = pipeline.fit(FitConfig(**options, out=str(tmp_path / "whole")), echo=None)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    cut = FitConfig(**options, out=str(tmp_path / "cut"))
+    monkeypatch.setattr(pipeline, "rescale_run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.fit(cut, echo=None)
+    run = rd.RunDir(cut.out)
+    assert (run / rd.ADAPTER).exists() and (run / rd.CHECKPOINT_STATE).exists()
+    assert not (run / rd.METRICS).exists() and not run.done
+    monkeypatch.undo()
+    phases = []
+    real = fit_module.run_phase
+    monkeypatch.setattr(fit_module, "run_phase", lambda *a, **k: phases.append(a[1]) or real(*a, **k))
+    pipeline.fit(FitConfig(**options, out=cut.out, resume=True), echo=None)
+    assert phases == [] and run.done and not (run / rd.CHECKPOINT_STATE).exists()  # nothing trained again
+    for name in (rd.ADAPTER, rd.FINETUNED):
+        a, b = load_file(whole / name), load_file(run / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    for name in (rd.METRICS, rd.SHIFT, rd.CYCLES):
+        assert whole.read_json(name) == run.read_json(name), name
+    assert whole.read_json(rd.LAMBDA)["curve"] == run.read_json(rd.LAMBDA)["curve"]
 
 
 def adamw_pair(seed: int = 0) -> tuple[list[torch.nn.Parameter], torch.optim.AdamW]:

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from lnshift import fit as fit_module
+from lnshift import pipeline, saved_run
 from lnshift import rundir as rd
 from lnshift.cli import main
 from lnshift.config import FitConfig
@@ -35,7 +36,8 @@ def searched(tmp_path_factory):
         return real(model, val, tests, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fit_module, "evaluate_all", spy)
+        for module in (fit_module, saved_run):  # training scores the candidates, the final lambda the chosen run
+            mp.setattr(module, "evaluate_all", spy)
         assert fit(out, "--lr", GRID, "--lambda", "auto") == 0
     return out, calls
 
@@ -97,7 +99,7 @@ def test_a_diverged_candidate_is_recorded_as_failed_and_the_others_still_run(tmp
     assert "nan" in result["candidates"][1]["error"] and result["chosen"] == {"lr": 0.001}
     assert (tmp_path / "r" / rd.DONE).is_file()
     with pytest.raises(SearchError, match="all 2 candidates of the search failed"):
-        fit_module.fit(_options(tmp_path / "all", lr="0.03,0.3"), echo=None)
+        pipeline.fit(_options(tmp_path / "all", lr="0.03,0.3"), echo=None)
 
 
 def _options(out, **extra):
@@ -129,10 +131,10 @@ def test_a_killed_search_resumes_with_its_finished_candidates(tmp_path, monkeypa
 
     monkeypatch.setattr(fit_module, "run_phase", once)
     with pytest.raises(KeyboardInterrupt):
-        fit_module.fit(cfg, echo=None)
+        pipeline.fit(cfg, echo=None)
     with pytest.raises(Exception, match="unfinished run"):
-        fit_module.fit(cfg, echo=None)
-    fit_module.fit(FitConfig.from_dict({**cfg.to_dict(), "resume": True}), echo=None)
+        pipeline.fit(cfg, echo=None)
+    pipeline.fit(FitConfig.from_dict({**cfg.to_dict(), "resume": True}), echo=None)
     assert trained == [0.001, 0.01, 0.01]  # the finished candidate was not trained again
     assert json.loads((tmp_path / "r" / SEARCH_JSON).read_text())["chosen"] is not None
 

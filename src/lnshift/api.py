@@ -1,6 +1,6 @@
 """The Python face of lnshift: train a run, read it back, and analyse it as the `lnshift` commands do.
 
-Every method calls the library function that the command of the same name calls (fit.py, saved_run.py,
+Every method calls the library function that the command of the same name calls (pipeline.py, saved_run.py,
 report/), so a notebook and the command line write the same files into the same run directory.
 """
 
@@ -15,9 +15,9 @@ from typing import Any
 from . import rundir as rd
 from .config import FitConfig
 from .errors import ConfigError
-from .fit import fit
 from .fsr import FSRReport
 from .heads import Classifier
+from .pipeline import fit
 from .report import write_report
 from .saved_run import (
     SavedRun,

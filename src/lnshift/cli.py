@@ -31,7 +31,7 @@ def _fit_options(p: argparse.ArgumentParser) -> None:
 def cmd_fit(args: argparse.Namespace) -> int:
     from . import distributed as dist
     from .evaluate import resolve_device
-    from .fit import fit
+    from .pipeline import fit
 
     cfg = config_from_args(args)
     if not dist.launched() and cfg.devices > 1:  # the same command, once per GPU, under torchrun
@@ -305,7 +305,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     pool = None
     if not args.collect and worker_count(args.devices, args.per_device) > 1:
-        pool = WorkerPool(args.devices, args.per_device)  # the workers import torch now, alongside this process
+        # the workers import the sweep code (and torch) now, alongside this process
+        pool = WorkerPool(args.devices, args.per_device, preload=["lnshift.sweep"])
     try:
         from .sweep import collect, load_sweep, parse_shard, run_sweep
 

@@ -215,6 +215,12 @@ class FitConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
+    @property
+    def final_lambda(self) -> bool:
+        """Whether lambda rescales the trained run once at the end: an analysis of the finished training
+        (pipeline.py), where `lambda_each_cycle` rescales between phases, as part of training."""
+        return self.lam is not None and not self.lambda_each_cycle
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -25,8 +25,9 @@ import torch
 from . import rundir as rd
 from .config import BUILTIN_DATA, FitConfig, environment
 from .errors import ConfigError
-from .fit import changed_options, fit
+from .fit import changed_options
 from .multirun import fit_batched
+from .pipeline import fit
 from .saved_run import estimate_fsr_of_run, rescale_run
 from .search import pending_candidates
 

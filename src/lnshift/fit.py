@@ -1,6 +1,9 @@
-"""`lnshift fit`: backbone -> data -> phases -> loop -> artifacts, top to bottom.
+"""Training one run: backbone -> data -> phases -> loop -> artifacts, top to bottom.
 
 The run directory it writes (see rundir.py) is all that evaluation, shift, FSR, merge and reports read.
+A lambda applied once at the end is not training but an analysis of the trained run: training then
+leaves the run open (no metrics, no DONE) for pipeline.py to rescale and finish. Lambda between cycles
+shapes what later phases learn, so that one is applied here.
 """
 
 from __future__ import annotations
@@ -39,8 +42,7 @@ from .data import (
 from .data.builtin import resolve_spec
 from .data.device import DeviceBatches, DeviceImages, estimated_bytes, eval_batches, to_device
 from .errors import ConfigError, DataError, RunDirError
-from .evaluate import evaluate, resolve_device, uses_bf16
-from .fsr_runs import estimate_fsr
+from .evaluate import evaluate, uses_bf16
 from .heads import Classifier, build_head
 from .lambdas import lambda_record, parse_grid, select_lambda
 from .loop import PhasePlan, PhaseState, restore, run_phase, seed_everything, snapshot, store_frozen
@@ -338,22 +340,6 @@ def check_resume(run: rd.RunDir, cfg: FitConfig) -> None:
         raise RunDirError(f"--resume: options differ from the interrupted run in {run.path}: {differ}")
 
 
-def fit(cfg: FitConfig, echo: Callable[[str], None] | None = print, *, score_tests: bool = True) -> rd.RunDir:
-    """Train one run as configured and write its run directory; returns it.
-
-    With a grid (`cfg.search`, or `--lr A,B,C` / `auto`) every candidate trains under OUT/search/ and the
-    one with the best validation metric becomes the run (search.py). `score_tests=False` leaves the test
-    sets unscored (a search's candidates). Under torchrun every process calls it, and together they
-    train one data-parallel run (distributed.py).
-    """
-    with dist.process_group(resolve_device(cfg.device)) as device:
-        if cfg.search:
-            from .search import fit_search
-
-            return fit_search(cfg, device, echo, score_tests=score_tests)
-        return _fit(cfg, device, echo, score_tests)
-
-
 @dataclass
 class Trainee:
     """A run being made: its directory and log, data, model, phases and the pretrained values of what trains."""
@@ -383,8 +369,14 @@ def start_run(cfg: FitConfig, echo: Callable[[str], None] | None) -> tuple[rd.Ru
     return run, log
 
 
-def _fit(cfg: FitConfig, device: torch.device, echo: Callable[[str], None] | None, score_tests: bool) -> rd.RunDir:
-    """fit() of one configuration on this process's device, inside the process group if there is one."""
+def train_run(
+    cfg: FitConfig, device: torch.device, echo: Callable[[str], None] | None, *, score_tests: bool = True
+) -> rd.RunDir:
+    """Train one configuration (no grid) on this process's device and write its run directory; returns it.
+
+    Inside the process group if there is one (pipeline.fit sets it up). `score_tests=False` leaves the
+    test sets unscored (a search's candidates).
+    """
     run, log = start_run(cfg, echo)
     seed_everything(cfg.seed)
     trainee = build(cfg, device, run, log)
@@ -470,7 +462,7 @@ def train(t: Trainee, cfg: FitConfig, device: torch.device) -> list[dict[str, An
         if t.norms:
             record.update(totals(layer_shift(t.base, snapshot(model, names), t.norms)))
         if plan.phase.rescale_after and cfg.lam is not None:
-            record["lambda"] = apply_lambda(model, cfg, t.norms, t.base, names, data, device)["lambda"]
+            record["lambda"] = apply_lambda(model, cfg, t.norms, t.base, names, data, device)
             record["val_after_lambda"] = validate()["accuracy"]
         done_phases.append(record)
         save_checkpoint(None)
@@ -498,18 +490,7 @@ def load_resume_state(run: rd.RunDir) -> tuple[dict[str, torch.Tensor], list[dic
 
 
 def finish(t: Trainee, cfg: FitConfig, device: torch.device, phases: list[dict[str, Any]], score_tests: bool) -> None:
-    """After training: lambda rescaling (with the FSR estimate for 'fsr'), then the run's outcome and DONE."""
-    if cfg.lam is not None and not cfg.lambda_each_cycle:
-        tuned = snapshot(t.model, t.names)
-        if cfg.lam == "fsr":
-            steps = sum(p.steps for p in t.plans)
-            shift = layer_shift(t.base, tuned, t.norms).to_dict()
-            estimate = estimate_fsr(cfg, t.run.path, len(t.data.train), shift, steps, t.log.info)
-            rd.write_json(t.run / rd.FSR_ESTIMATE, estimate)
-        rd.write_tensors(t.run / rd.FINETUNED, tuned, t.meta)
-        choice = apply_lambda(t.model, cfg, t.norms, t.base, t.names, t.data, device)
-        rd.write_json(t.run / rd.LAMBDA, choice)
-        t.log.info(f"lambda {choice['lambda']:g} ({cfg.lam}) on {cfg.lambda_target}")
+    """After training: the run's outcome (and DONE, unless a final lambda is still to come)."""
     data = t.data if score_tests else replace(t.data, tests={})
     write_outcome(t.run, t.model, t.names, t.norms, t.base, t.meta, data, cfg, device, t.log, phases)
 
@@ -533,17 +514,26 @@ def write_outcome(
     log: rd.EventLog,
     phases: list[dict[str, Any]],
 ) -> None:
-    """A trained model's adapter, shift, phase history and metrics, the checkpoint removed, then DONE."""
+    """A trained model's adapter, shift and phase history; then its metrics and DONE.
+
+    With a final lambda (`cfg.final_lambda`) the run stays open after the phase history, checkpoint
+    included: the rescaled model is what gets scored, and an interrupted rescale resumes from here.
+    """
     adapter = snapshot(model, names)
     rd.write_tensors(run / rd.ADAPTER, adapter, meta)
     if norms:
         rd.write_json(run / rd.SHIFT, layer_shift(base, adapter, norms).to_dict())
     rd.write_json(run / rd.CYCLES, {"phases": phases, "budget": budget_record(cfg, phases)})
+    if cfg.final_lambda:
+        return
     metrics = evaluate_all(model, data.val, data.tests, len(data.classes), cfg, device)
     rd.write_json(run / rd.METRICS, metrics)
     log.info("metrics: " + summarize(metrics))
-    if dist.is_main():
-        (run / rd.CHECKPOINT_STATE).unlink(missing_ok=True)
+    close_run(run, log)
+
+
+def close_run(run: rd.RunDir, log: rd.EventLog) -> None:
+    """The last step of every run: the 'done' event, then DONE (which drops the resume state)."""
     log.event("done")
     run.mark_done()
 
@@ -557,8 +547,8 @@ def budget_record(cfg: FitConfig, phases: list[dict[str, Any]]) -> dict[str, Any
 
 def apply_lambda(
     model: nn.Module, cfg: FitConfig, norms: list[str], base: dict, names: list[str], data: Data, device: torch.device
-) -> dict[str, Any]:
-    """Choose lambda (a number, on validation, or from the FSR estimate) and rescale the LayerNorms in place."""
+) -> float:
+    """Choose lambda between cycles (a number, or on validation), rescale the LayerNorms in place; returns it."""
     tuned = snapshot(model, names)
     curve = select_lambda(
         model,
@@ -573,9 +563,9 @@ def apply_lambda(
         batch_size=cfg.eval_batch_size,
         precision=cfg.precision,
     )
-    record = dist.from_main(lambda: lambda_record(curve, cfg.lam, rd.RunDir(cfg.out)))  # may read FSR_ESTIMATE
-    restore(model, rescale(base, tuned, norms, record["lambda"], cfg.lambda_target))
-    return record
+    lam = lambda_record(curve, cfg.lam, rd.RunDir(cfg.out))["lambda"]  # no 'fsr' between cycles: nothing is read
+    restore(model, rescale(base, tuned, norms, lam, cfg.lambda_target))
+    return lam
 
 
 def evaluate_all(

@@ -26,6 +26,8 @@ from . import distributed as dist
 from . import rundir as rd
 from .config import FitConfig
 from .errors import ConfigError
+from .evaluate import resolve_device
+from .fit import train_run
 from .fsr import extrapolate_shift
 from .phases import budget_factor
 
@@ -50,8 +52,6 @@ def sub_run(
 
     `count` ("k/N") says which of the estimate's runs this is; the run shows the parent's progress bars.
     """
-    from .fit import fit  # fit uses this module for --lambda fsr
-
     out = root / SUBDIR / f"subset{fraction:g}-seed{seed}"
     run = rd.RunDir(out)
     done, started = dist.from_main(lambda: (run.done, out.exists()))
@@ -76,7 +76,8 @@ def sub_run(
     )
     if echo:
         echo(f"{what}: tuning, {sub.steps} steps")
-    return fit(sub, echo=None)
+    with dist.process_group(resolve_device(sub.device)) as device:  # under torchrun, the parent's group
+        return train_run(sub, device, None)
 
 
 def estimate_fsr(

@@ -186,6 +186,9 @@ class RunDir:
         return load_file(path), meta
 
     def mark_done(self) -> None:
+        """Finish the run: its resume state goes (a finished run has nothing to resume), then DONE."""
+        if is_main():
+            (self.path / CHECKPOINT_STATE).unlink(missing_ok=True)
         write_text(self.path / DONE, time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
 
 

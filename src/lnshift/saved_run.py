@@ -1,7 +1,10 @@
-"""A finished run read back as a model: re-evaluation on new test sets, and merging into one state dict.
+"""A finished run read back as a model, and the analyses over run directories: re-evaluation on new test
+sets, merging into one state dict, shift, lambda rescaling, oracle and estimated FSR.
 
 Only the run directory is read (plus the pretrained weights its config names), so runs made on
-another machine or GPU count load the same way.
+another machine or GPU count load the same way. `lnshift fit --lambda` runs the rescale (and the FSR
+estimate) on a data-parallel run's every process (pipeline.py): rank 0 reads the files and sends what
+it read (distributed.from_main), and alone writes.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed as dist
 from . import rundir as rd
 from .backbones.timm_backbone import TimmBackbone
 from .config import FitConfig
@@ -41,16 +45,20 @@ class SavedRun:
     norms: list[str]
     base: dict[str, torch.Tensor]
     adapter: dict[str, torch.Tensor]
+    meta: dict[str, Any]  # adapter.safetensors' metadata (norms, classes, method, preprocessing)
 
 
 def load_run(path: str | Path, device: str = "cpu") -> SavedRun:
     """Rebuild the tuned model of a run: pretrained backbone + the tensors of adapter.safetensors."""
     run = rd.RunDir(path)
-    run.require(rd.CONFIG, rd.BASE, rd.ADAPTER)
-    cfg = FitConfig.from_dict(run.read_config()["fit"], source=str(run / rd.CONFIG))
-    adapter, meta = run.read_tensors(rd.ADAPTER)
-    base, _ = run.read_tensors(rd.BASE)
+
+    def read() -> tuple[dict[str, Any], tuple[dict[str, torch.Tensor], dict[str, Any]], dict[str, torch.Tensor]]:
+        run.require(rd.CONFIG, rd.BASE, rd.ADAPTER)
+        return run.read_config()["fit"], run.read_tensors(rd.ADAPTER), run.read_tensors(rd.BASE)[0]
+
+    options, (adapter, meta), base = dist.from_main(read)
     dev = resolve_device(device)
+    cfg = FitConfig.from_dict(options, source=str(run / rd.CONFIG))
     model = build_model(cfg, load_configured_backbone(cfg, dev), len(meta["classes"]))
     unknown = sorted(set(adapter) - {n for n, _ in model.named_parameters()})
     if unknown:
@@ -59,7 +67,7 @@ def load_run(path: str | Path, device: str = "cpu") -> SavedRun:
     if cfg.frozen_dtype == "bf16" and uses_bf16(dev, cfg.precision):  # as it was trained and evaluated
         store_frozen(model, list(adapter), torch.bfloat16)
     model.eval().to(dev)
-    return SavedRun(run, cfg, model, meta["classes"], meta["norms"], base, adapter)
+    return SavedRun(run, cfg, model, meta["classes"], meta["norms"], base, adapter, meta)
 
 
 def evaluate_run(
@@ -144,7 +152,7 @@ def split_datasets(saved: SavedRun) -> dict[str, Images]:
     On the device pipeline when the run's --input-pipeline chooses it on this device (images cached
     once per process).
     """
-    splits = saved.run.read_json(rd.SPLITS)
+    splits = dist.from_main(lambda: saved.run.read_json(rd.SPLITS))
     data_config = saved.model.backbone.data_config
     transform = make_transform(data_config, train=False)
     device = next(saved.model.parameters()).device
@@ -164,9 +172,9 @@ def trained_norms(saved: SavedRun) -> list[str]:
 
 def finetuned_tensors(saved: SavedRun) -> dict[str, torch.Tensor]:
     """Tuned values before any lambda rescaling: what the LayerNorm shift and FSR are about."""
-    if (saved.run / rd.FINETUNED).exists():
-        return saved.run.read_tensors(rd.FINETUNED)[0]
-    return saved.adapter
+    path = saved.run / rd.FINETUNED
+    finetuned = dist.from_main(lambda: saved.run.read_tensors(rd.FINETUNED)[0] if path.exists() else None)
+    return saved.adapter if finetuned is None else finetuned
 
 
 def shift_of_run(path: str | Path, write: bool = True) -> ShiftReport:
@@ -191,6 +199,7 @@ def rescale_run(
     score_grid: bool = False,
     device: str = "auto",
     progress: bool = True,
+    finish: bool = True,
 ) -> dict[str, Any]:
     """Rescale a run's LayerNorm shift by lambda (a number, 'auto' on validation, or 'fsr') into a new run.
 
@@ -198,6 +207,7 @@ def rescale_run(
     before), so rescaling twice never compounds and lambda = 1 restores the fine-tuned model exactly.
     Without `out` the run is rescaled in place. The validation grid (`grid`, by default the run's
     --lambda-grid) is scored for 'auto', and for a given or 'fsr' lambda only with `score_grid`.
+    `finish=False` leaves DONE to the caller (`lnshift fit --lambda` logs the outcome first).
     """
     if grid is not None and lam != "auto" and not score_grid:
         raise ConfigError(f"a grid is scored for --lambda auto or with --score-grid, not for --lambda {lam}")
@@ -222,29 +232,30 @@ def rescale_run(
             dev,
             grid=parse_grid(grid or saved.cfg.lambda_grid),
             target=target,
+            batch_size=saved.cfg.eval_batch_size,
             precision=saved.cfg.precision,
             progress=progress,
         )
-    record = lambda_record(curve, lam, saved.run, target)
-    record["source_run"] = str(saved.run.path)
+    record = dist.from_main(lambda: lambda_record(curve, lam, saved.run, target))  # 'fsr' reads fsr_estimate.json
     adapter = {**finetuned, **rescale(saved.base, finetuned, norms, record["lambda"], target)}
     restore(model, adapter)
     dest = rd.RunDir(out) if out is not None else saved.run
     if out is not None:
+        record["source_run"] = str(saved.run.path)
         dest.prepare(resume=False, overwrite=False)
         for name in (rd.CONFIG, rd.SPLITS, rd.BASE, rd.CYCLES):
             if (saved.run / name).exists():
                 shutil.copyfile(saved.run / name, dest / name)
-    _, meta = saved.run.read_tensors(rd.ADAPTER)
-    rd.write_tensors(dest / rd.FINETUNED, finetuned, meta)
-    rd.write_tensors(dest / rd.ADAPTER, adapter, meta)
+    rd.write_tensors(dest / rd.FINETUNED, finetuned, saved.meta)
+    rd.write_tensors(dest / rd.ADAPTER, adapter, saved.meta)
     rd.write_json(dest / rd.LAMBDA, record)
     rd.write_json(dest / rd.SHIFT, layer_shift(saved.base, adapter, norms).to_dict())
     cfg = saved.cfg
     tests = {name.removeprefix("test:"): ds for name, ds in datasets.items() if name.startswith("test:")}
     metrics = evaluate_all(model, datasets["val"], tests, n_classes, replace(cfg, progress=progress), dev)
     rd.write_json(dest / rd.METRICS, metrics)
-    dest.mark_done()
+    if finish:
+        dest.mark_done()
     return {"run": str(dest.path), "metrics": metrics, **record}
 
 
@@ -277,7 +288,9 @@ def estimate_fsr_of_run(path: str | Path, echo: Callable[[str], None] | None = p
     if not norms:
         raise RunDirError(f"{saved.run.path}: method {saved.cfg.method!r} tuned no LayerNorm; FSR is undefined")
     shift = layer_shift(saved.base, finetuned_tensors(saved), norms).to_dict()
-    n_train = len(saved.run.read_json(rd.SPLITS)["splits"]["train"]["indices"])
-    result = estimate_fsr(saved.cfg, saved.run.path, n_train, shift, run_budget(saved.run)["steps"], echo)
+    n_train, steps = dist.from_main(
+        lambda: (len(saved.run.read_json(rd.SPLITS)["splits"]["train"]["indices"]), run_budget(saved.run)["steps"])
+    )
+    result = estimate_fsr(saved.cfg, saved.run.path, n_train, shift, steps, echo)
     rd.write_json(saved.run / rd.FSR_ESTIMATE, result)
     return result

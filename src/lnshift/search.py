@@ -4,11 +4,12 @@
 trains every combination on the same split, subset and seed, each as a complete run directory under
 OUT/search/<label>/ with its test sets left unscored. The candidate with the best validation metric
 (`--select-metric`; ties go to the smaller value) becomes the run: OUT takes its trained tensors and is
-finished exactly as a plain `fit` with those values finishes (lambda, FSR estimate, test sets: the same
-code on the same tensors, so the same numbers). search.json records every candidate's values,
-validation metrics, steps, wall time and status. A candidate that diverges is recorded as failed, not
-fatal (its folder holds FAILED); only when every candidate fails does the search stop. A killed search
-resumes (`--resume`): finished candidates are reused, failed ones are not tried again.
+finished exactly as a plain training with those values finishes (test sets, then any final lambda and
+FSR estimate in pipeline.py: the same code on the same tensors, so the same numbers). search.json
+records every candidate's values, validation metrics, steps, wall time and status. A candidate that
+diverges is recorded as failed, not fatal (its folder holds FAILED); only when every candidate fails
+does the search stop. A killed search resumes (`--resume`): finished candidates are reused, failed
+ones are not tried again.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from . import distributed as dist
 from . import rundir as rd
 from .config import SELECT_METRICS, FitConfig, environment
 from .errors import LNShiftError
-from .fit import _fit, build, finish, start_run
+from .fit import build, finish, start_run, train_run
 from .loop import NonFiniteLossError, restore, seed_everything
 
 SEARCH_DIR = "search"
@@ -89,9 +90,7 @@ def at_edge(grid: dict[str, list], chosen: dict[str, Any]) -> list[str]:
     return [k for k, v in chosen.items() if len(grid[k]) >= 3 and v in (grid[k][0], grid[k][-1])]
 
 
-def fit_search(
-    cfg: FitConfig, device: torch.device, echo: Callable[[str], None] | None, *, score_tests: bool = True
-) -> rd.RunDir:
+def fit_search(cfg: FitConfig, device: torch.device, echo: Callable[[str], None] | None) -> rd.RunDir:
     """Train every candidate of `cfg.search`, keep the best on validation, finish OUT as its plain run."""
     run, log = start_run(cfg, echo)
     grid, metric = cfg.search, cfg.select_metric
@@ -125,20 +124,18 @@ def fit_search(
         f"chosen {records[k]['label']} (best validation {metric})"
         + (f"; at the edge of the grid for {edge}" if edge else "")
     )
-    promote(chosen, rd.RunDir(run / records[k]["run"]), run, log, device, score_tests)
+    promote(chosen, rd.RunDir(run / records[k]["run"]), run, log, device)
     return run
 
 
-def promote(
-    cfg: FitConfig, candidate: rd.RunDir, run: rd.RunDir, log: rd.EventLog, device: torch.device, score_tests: bool
-) -> None:
-    """Finish `run` as `fit` with the chosen values finishes, from the candidate's trained tensors."""
+def promote(cfg: FitConfig, candidate: rd.RunDir, run: rd.RunDir, log: rd.EventLog, device: torch.device) -> None:
+    """Finish `run` as training with the chosen values finishes, from the candidate's trained tensors."""
     seed_everything(cfg.seed)
     trainee = build(cfg, device, run, log)
     tensors = dist.from_main(lambda: candidate.read_tensors(rd.ADAPTER)[0])
     restore(trainee.model, tensors)
     phases = dist.from_main(lambda: candidate.read_json(rd.CYCLES)["phases"])
-    finish(trainee, cfg, device, phases, score_tests)
+    finish(trainee, cfg, device, phases, score_tests=True)
 
 
 def _run_candidate(cfg: FitConfig, values: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -154,7 +151,7 @@ def _run_candidate(cfg: FitConfig, values: dict[str, Any], device: torch.device)
         return {**record, "status": "failed", "error": error, "wall_s": 0.0}
     if not done:
         try:
-            _fit(dataclasses.replace(cfg, resume=started), device, None, score_tests=False)
+            train_run(dataclasses.replace(cfg, resume=started), device, None, score_tests=False)
         except CANDIDATE_FAILURES as e:
             error = f"{type(e).__name__}: {e}"
             if dist.is_main():

@@ -30,8 +30,9 @@ from . import rundir as rd
 from .config import SEARCHABLE, FitConfig, environment, load_yaml
 from .errors import ConfigError, RunDirError
 from .evaluate import resolve_device
-from .fit import changed_options, fit
+from .fit import changed_options
 from .phases import METHODS
+from .pipeline import fit
 from .saved_run import estimate_fsr_of_run, fsr_of_run, rescale_run, run_budget
 from .search import SEARCH_JSON, candidates, pending_candidates
 from .workers import WorkerPool, worker_count
@@ -374,7 +375,7 @@ def _run_sweep(
         outcomes: Iterable[tuple[str, str | None]] = ((job.unit, attempt(sweep, job, echo)) for job in jobs)
     else:
         check_gpus(pool.devices, sweep)
-        outcomes = pool.run([(sweep, job) for job in heaviest_first(jobs)], echo)
+        outcomes = pool.run(attempt, {job.unit: (sweep, job) for job in heaviest_first(jobs)}, echo)
     failed = {**failed_batches, **{unit: error for unit, error in outcomes if error is not None}}
     if shard is None:
         collect(sweep, echo)

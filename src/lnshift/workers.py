@@ -3,16 +3,18 @@ cores each, taking whole units from one queue.
 
 This module imports no torch, so the CLI starts the pool before it loads the heavy modules itself:
 the workers import lnshift while the parent does instead of after it, which was most of the extra
-start-up of a sweep over 2 GPUs against one (benchmarks/results/README.md, "Data parallelism").
+start-up of a sweep over 2 GPUs against one (benchmarks/results/README.md, "Data parallelism"). The pool
+knows nothing of sweeps: its caller names the modules to preload and sends the function each task runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import multiprocessing
 import os
 import queue
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from .config import DEVICE_DATA_SHARE, DEVICE_DATA_SHARE_ENV
@@ -61,15 +63,17 @@ class WorkerPool:
 
     Each starts with one GPU visible and its share of the cores and of the GPU memory the device input
     pipeline may fill: N processes with all-core OpenMP pools oversubscribe the machine many times over.
+    Each imports the `preload` modules as it starts, alongside the parent, before its first task arrives.
     """
 
-    def __init__(self, devices: int, per_device: int) -> None:
+    def __init__(self, devices: int, per_device: int, preload: Sequence[str] = ()) -> None:
         worker_count(devices, per_device)
         self.devices = devices
         gpus = [gpu for gpu in visible_gpus(devices) for _ in range(per_device)]
         context = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked processes
         self.tasks, self.results = context.Queue(), context.Queue()
-        self.processes = [context.Process(target=_work, args=(self.tasks, self.results)) for _ in gpus]
+        args = (self.tasks, self.results, tuple(preload))
+        self.processes = [context.Process(target=_work, args=args) for _ in gpus]
         self.ended = False  # whether every worker has been sent its end of the queue
         shared = {
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(worker_threads(len(gpus))),
@@ -79,18 +83,24 @@ class WorkerPool:
             with environ({**shared, "CUDA_VISIBLE_DEVICES": gpu}):
                 process.start()
 
-    def run(self, jobs: list[tuple[Any, Any]], echo: Callable[[str], None]) -> Iterator[tuple[str, str | None]]:
-        """(unit, error or None) of every (sweep, job) pair, in the order the workers finish them.
+    def run(
+        self, work: Callable[..., str | None], tasks: dict[str, tuple], echo: Callable[[str], None]
+    ) -> Iterator[tuple[str, str | None]]:
+        """(key, error or None) of every task, in the order the workers finish them.
 
-        Workers send their log lines here, so `echo` is called in this process only.
+        Task `key: args` runs as `work(*args, echo)` in a worker and returns its error, if any; `work` is
+        a module-level function (sent by name). Workers send their log lines here, so `echo` is called in
+        this process only.
         """
-        for item in [*jobs, *[None] * len(self.processes)]:  # one None per worker: the end of the queue
-            self.tasks.put(item)
+        for key, args in tasks.items():
+            self.tasks.put((work, key, args))
+        for _ in self.processes:  # one None per worker: the end of the queue
+            self.tasks.put(None)
         self.ended = True
-        left = {job.unit for _, job in jobs}
+        left = set(tasks)
         while left:
             try:
-                kind, unit, text = self.results.get(timeout=1)
+                kind, key, text = self.results.get(timeout=1)
             except queue.Empty:
                 if any(p.is_alive() for p in self.processes) or not self.results.empty():
                     continue
@@ -98,10 +108,10 @@ class WorkerPool:
             if kind == "echo":
                 echo(text)
             else:
-                left.discard(unit)
-                yield unit, text
-        for unit in sorted(left):  # a worker died (killed, out of memory) with these units taken or queued
-            yield unit, DIED
+                left.discard(key)
+                yield key, text
+        for key in sorted(left):  # a worker died (killed, out of memory) with these tasks taken or queued
+            yield key, DIED
 
     def close(self) -> None:
         """Wait for the workers to exit (they do once the queue is empty); stop any still starting."""
@@ -114,10 +124,10 @@ class WorkerPool:
                 process.join()
 
 
-def _work(tasks: Any, results: Any) -> None:
-    """A worker: imports the sweep code (alongside the parent's import), then runs units until None."""
-    from .sweep import attempt
-
-    for sweep, job in iter(tasks.get, None):
-        error = attempt(sweep, job, lambda text: results.put(("echo", None, text)))
-        results.put(("done", job.unit, error))
+def _work(tasks: Any, results: Any, preload: tuple[str, ...]) -> None:
+    """A worker: imports the `preload` modules (alongside the parent's imports), then runs tasks until None."""
+    for module in preload:
+        importlib.import_module(module)
+    for work, key, args in iter(tasks.get, None):
+        error = work(*args, lambda text: results.put(("echo", None, text)))
+        results.put(("done", key, error))

@@ -1,0 +1,59 @@
+"""`lnshift fit` end to end: training (fit.py, or search.py for a grid), then the analyses its options ask for.
+
+Training writes the run directory. With a lambda applied once at the end (`--lambda`, not between
+cycles) it leaves the run open, and the analyses over that directory finish it: the FSR estimate for
+`--lambda fsr`, then lambda chosen or given and applied in place (saved_run.py). They are the functions
+that `lnshift fsr --estimate`, `lnshift rescale` and a sweep's `+fsr` / `+auto` cells call, so there is
+one FSR path and one lambda path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from . import distributed as dist
+from . import rundir as rd
+from .config import FitConfig
+from .evaluate import resolve_device
+from .fit import close_run, summarize, train_run
+from .saved_run import estimate_fsr_of_run, rescale_run
+from .search import fit_search
+
+
+def fit(cfg: FitConfig, echo: Callable[[str], None] | None = print) -> rd.RunDir:
+    """Train one run as configured, apply its final lambda, and write its run directory; returns it.
+
+    With a grid (`cfg.search`, or `--lr A,B,C` / `auto`) every candidate trains under OUT/search/ and the
+    one with the best validation metric becomes the run (search.py). Under torchrun every process calls
+    it, and together they train (and rescale) one data-parallel run (distributed.py). An interrupted run
+    resumes with `cfg.resume`, its final lambda and FSR estimate included.
+    """
+    with dist.process_group(resolve_device(cfg.device)) as device:
+        run = fit_search(cfg, device, echo) if cfg.search else train_run(cfg, device, echo)
+        if cfg.final_lambda:
+            rescale_trained(run, cfg, device, echo)
+        return run
+
+
+def rescale_trained(run: rd.RunDir, cfg: FitConfig, device: torch.device, echo: Callable[[str], None] | None) -> None:
+    """Finish an open trained run with its final lambda: FSR estimate ('fsr'), rescale in place, then DONE.
+
+    The validation grid is scored for any lambda, so lambda.json shows where a given or FSR lambda lies.
+    """
+    log = rd.EventLog(run, echo)
+    if cfg.lam == "fsr":
+        estimate_fsr_of_run(run.path, echo=log.info)
+    choice = rescale_run(
+        run.path,
+        cfg.lam,
+        target=cfg.lambda_target,
+        score_grid=True,
+        device=str(device),
+        progress=cfg.progress,
+        finish=False,
+    )
+    log.info(f"lambda {choice['lambda']:g} ({cfg.lam}) on {cfg.lambda_target}")
+    log.info("metrics: " + summarize(choice["metrics"]))
+    close_run(run, log)
