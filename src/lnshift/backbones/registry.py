@@ -124,8 +124,7 @@ register(
         arch="vit_tiny_patch16_224",
         model_kwargs=BUNDLED_VIT,
         weights="vit-tiny-in200-sup.safetensors",
-        license="ImageNet terms of access (non-commercial research and education) apply: weights trained by "
-        "lnshift on Tiny-ImageNet-200 train, a subset of ImageNet",
+        license="ImageNet terms, non-commercial research/education (trained by lnshift)",
         notes="bundled compact model with broader pretraining: the same 2.7M-parameter ViT, supervised on the "
         "100,000 Tiny-ImageNet-200 training images at 32 px (200 classes; 33.5% linear probe on its validation "
         "images); recipe and quality in pretrain/README.md. CIFAR-10-like photos are near its pretraining data; "
