@@ -134,7 +134,7 @@ class FitConfig:
     frozen_dtype: str = _opt(
         "fp32",
         "storage of the weights that never train: fp32 or bf16 (with bf16 autocast only; the residual stream "
-        "then stays bf16: ~6 %% faster ViT-B LN tuning and ~18 %% less memory on an H200)",
+        "then stays bf16: faster and leaner on a GPU, measured in benchmarks/results/README.md)",
     )
     workers: int = _opt(2, "data-loading worker processes (input pipeline 'workers')")
     input_pipeline: str = _opt(
