@@ -26,7 +26,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from lnshift.report.stats import paired_compare
-from lnshift.report.sweep_report import Cell, Sweep, read_cell
+from lnshift.report.sweep_report import Cell, Sweep, ordered, read_cell
 
 # (method, against): the paper's claims first, then the baselines against LN
 COMPARISONS = [
@@ -144,7 +144,7 @@ def selection_table(rows: list[dict]) -> str:
         "| method | grid(s) | chosen: count per value | at an edge | failed candidates |",
         "|---|---|---|---:|---:|",
     ]
-    for method in ordered_methods(rows):
+    for method in ordered(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method and r.get("lr") is not None]
         if not mine or "+" in method:
             continue
@@ -157,10 +157,6 @@ def selection_table(rows: list[dict]) -> str:
             f"| {NAMES.get(method, method)} | {'; '.join(grids)} | {chosen} | {edge} of {len(mine)} | {failed} |"
         )
     return "\n".join(lines)
-
-
-def ordered_methods(rows: list[dict]) -> list[str]:
-    return list(dict.fromkeys(r["method"] for r in rows))
 
 
 def fsr_by_lr(rows: list[dict]) -> str:
@@ -195,7 +191,7 @@ def fsr_by_lr(rows: list[dict]) -> str:
 def optimism_table(rows: list[dict], regimes: list[str]) -> str:
     """Validation minus ID test accuracy of the chosen run (points): how much selection flatters itself."""
     lines = ["| method | " + " | ".join(regimes) + " |", "|---|" + "---:|" * len(regimes)]
-    for method in ordered_methods(rows):
+    for method in ordered(r["method"] for r in rows):
         if "+" in method:
             continue
         cells = []
@@ -219,7 +215,7 @@ def holdout_table(rows: list[dict], holdout: list[dict], regimes: list[str]) -> 
         "| optimism: hold-out |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for method in ordered_methods(holdout):
+    for method in ordered(h["method"] for h in holdout):
         for regime in regimes:
             both = [
                 (match[h["id"]], h)

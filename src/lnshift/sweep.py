@@ -353,13 +353,13 @@ def _run_sweep(
 ) -> Path:
     rd.write_text(sweep.out / SWEEP_COPY, sweep.text)
     todo = cells(sweep) if shard is None else shard_cells(cells(sweep), shard)
-    for option, chosen, known in [("datasets", datasets, list(sweep.datasets)), ("methods", methods, sweep.methods)]:
+    for field, chosen, known in [("dataset", datasets, list(sweep.datasets)), ("method", methods, sweep.methods)]:
         if chosen is None:
             continue
         unknown = sorted(set(chosen) - set(known))
         if unknown:
-            raise ConfigError(f"--{option} {','.join(unknown)}: not in {sweep.path} (it has {', '.join(known)})")
-        todo = [c for c in todo if (c.dataset if option == "datasets" else c.method) in chosen]
+            raise ConfigError(f"--{field}s {','.join(unknown)}: not in {sweep.path} (it has {', '.join(known)})")
+        todo = [c for c in todo if getattr(c, field) in chosen]
     units: dict[str, list[Cell]] = {}
     for cell in todo:
         units.setdefault(cell.unit, []).append(cell)
