@@ -477,7 +477,8 @@ def main() -> None:
     else:
         backbone_module = build_model(len(data.classes), recipe.drop_path_rate).to(device)
         trainer = Trainer(backbone_module, data, recipe, stats, compile_)
-    barrier = make_barrier(args.barrier_dir, args.barrier_count, args.method)
+    # one file per process: two runs of one method (a same-seed reproduction) share a GPU too
+    barrier = make_barrier(args.barrier_dir, args.barrier_count, f"{args.method}-{os.getpid()}")
     recipe.epochs, step_s = calibrate(trainer, recipe, recipe.epochs, barrier, args.timing_s)
     trainer.reset()
     spent = time.perf_counter() - t_script
