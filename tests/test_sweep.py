@@ -83,6 +83,10 @@ def test_results_rows(done):
         assert auto["fsr_oracle"] == ln["fsr_oracle"]  # the shift of the same trained run
         assert auto["lambda"] == json.loads((done.run_dir(auto["id"]) / rd.LAMBDA).read_text())["lambda"]
         assert by_id[f"mini/ln/f1/s{seed}"]["fsr_oracle"] == pytest.approx(1.0)  # the reference itself
+        assert "shift_ln" not in lp and auto["shift_ln"] == ln["shift_ln"] > 0  # learned before lambda
+        assert ln["shift_ln"] == pytest.approx(ln["shift_gamma"] + ln["shift_beta"])
+        ref = by_id[f"mini/ln/f1/s{seed}"]
+        assert ln["fsr_oracle"] == pytest.approx(ln["shift_gamma"] / ref["shift_gamma"])  # the oracle's own shifts
     with open(done.out / "results.csv") as fh:
         assert [r["id"] for r in csv.DictReader(fh)] == [r["id"] for r in results["rows"]]
 

@@ -565,6 +565,7 @@ def _row(cell: Cell, run: rd.RunDir, trained: rd.RunDir, oracle: tuple[float, fl
         "fsr_oracle_beta": oracle[1] if oracle else None,
         "fsr_est": estimate.get("fsr_est"),
         "fsr_est_std": estimate.get("fsr_std"),
+        **_shift(trained),
         **_chosen(trained),
     }
     metrics = run.read_json(rd.METRICS)
@@ -574,6 +575,15 @@ def _row(cell: Cell, run: rd.RunDir, trained: rd.RunDir, oracle: tuple[float, fl
             if name != "n" and _is_number(value):
                 row[f"{split}.{name}"] = value
     return row
+
+
+def _shift(trained: rd.RunDir) -> dict[str, Any]:
+    """The LayerNorm shift the training learned (before any lambda): the paper's Shift_ln and its gamma and beta
+    parts, so a results table can compare shifts across datasets and models without the run directories."""
+    if not (trained / rd.SHIFT).exists():
+        return {}
+    report = trained.read_json(rd.SHIFT)
+    return {key: report[key] for key in ("shift_ln", "shift_gamma", "shift_beta")}
 
 
 def _chosen(trained: rd.RunDir) -> dict[str, Any]:
