@@ -181,3 +181,42 @@ def test_protocol_claims_pairs_cells_by_dataset_regime_and_seed(tmp_path):
     assert "| LN vs LP | +10.0 | +4.0 |" in out  # by regime: f0.1, f1
     # FSR below 100 % data: oracle 0.8 (2 of 2 below 1), estimate 1.2, error 0.4, never on the same side
     assert "| d | 0.80 (2 of 2) | 1.20 | 0.40 | 0 of 2 | 1.50 (4 / 0 / 0) |" in out
+
+
+def test_pretraining_claims_sides_by_construction_and_fsr_at_the_reference_lr(tmp_path):
+    # cifar10 is inside the CIFAR-10 model's pretraining data, sketch outside; the 2 % LN run on cifar10 chose a
+    # smaller lr than its 100 % reference (FSR 0.5), the one on sketch the same lr (FSR 1.4)
+    rows = []
+    for dataset, small_lr, fsr in (("cifar10", 1e-3, 0.5), ("pacs-sketch", 1e-2, 1.4)):
+        for regime, lr in (("f0.02", small_lr), ("f1", 1e-2)):
+            for method, acc in (("lp", 0.6), ("ln", 0.7 if dataset == "pacs-sketch" else 0.5), ("ln+auto", 0.7)):
+                rows.append(
+                    {
+                        "id": f"{dataset}/{method}/{regime}/s0",
+                        "dataset": dataset,
+                        "method": method,
+                        "regime": regime,
+                        "seed": 0,
+                        "lr": lr,
+                        "lambda": {"lp": None, "ln": 1.0, "ln+auto": 0.5 if dataset == "cifar10" else 1.25}[method],
+                        "fsr_oracle": (fsr if regime == "f0.02" else 1.0) if method == "ln" else None,
+                        "shift_ln": 2.0 if method == "ln" else None,
+                        "test.holdout.accuracy": acc,
+                    }
+                )
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"rows": rows}))
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "pretraining_claims.py"), f"lnshift/vit-tiny-cifar10={results}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    inside = next(line for line in lines if "/ cifar10 (inside)" in line)
+    outside = next(line for line in lines if "/ pacs-sketch (outside)" in line)
+    # LN acc, LN - LP at 100 % and 2 %, shift, FSR (all), FSR at the reference's lr, lambda auto, LN+auto - LN
+    assert "| 50.0 | -10.0 | -10.0 | 2.00 | 0.50 (1 of 1) | - (0 of 0) | 0.50 (0 / 0 / 2) | +20.0 |" in inside
+    assert "| 70.0 | +10.0 | +10.0 | 2.00 | 1.40 (0 of 1) | 1.40 (0 of 1) | 1.25 (2 / 0 / 0) | +0.0 |" in outside
+    assert any("all inside" in line for line in lines) and any("all outside" in line for line in lines)
