@@ -126,7 +126,7 @@ register(
         weights="vit-tiny-in200-sup.safetensors",
         license="ImageNet terms, non-commercial research/education (trained by lnshift)",
         notes="bundled compact model with broader pretraining: the same 2.7M-parameter ViT, supervised on the "
-        "100,000 Tiny-ImageNet-200 training images at 32 px (200 classes; 33.5% linear probe on its validation "
+        "100,000 Tiny-ImageNet-200 training images at 32 px (200 classes; 44.6% linear probe on its validation "
         "images); recipe and quality in pretrain/README.md. CIFAR-10-like photos are near its pretraining data; "
         "PACS art/cartoon/sketch, LC25000 and brain MRI lie outside it.",
     )
