@@ -28,12 +28,12 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pacs.zip"
 
 def run(cfg: FitConfig) -> Path:
     """Fit once; a finished run directory is reused, so the study restarts where it stopped."""
-    if rd.RunDir(cfg.out).done:
-        return Path(cfg.out)
+    if rd.RunDir(cfg.runtime.out).done:
+        return Path(cfg.runtime.out)
     start = time.time()
     fit(cfg, echo=None)
-    print(f"  {cfg.out}: {time.time() - start:.1f} s", flush=True)
-    return Path(cfg.out)
+    print(f"  {cfg.runtime.out}: {time.time() - start:.1f} s", flush=True)
+    return Path(cfg.runtime.out)
 
 
 def accuracy(metrics: dict) -> dict[str, float]:
@@ -90,10 +90,14 @@ def main() -> None:
             progress=False,
             cycles=2,
         )
-        ref = run(FitConfig(**common, method="ln", out=str(out / domain / "ln-full")))
+        ref = run(FitConfig.from_dict({**common, "method": "ln", "out": str(out / domain / "ln-full")}))
         for fraction in [float(f) for f in args.fractions.split(",")]:
             tag = f"f{fraction:g}"
-            ln = run(FitConfig(**common, method="ln", fraction=fraction, out=str(out / domain / f"ln-{tag}")))
+            ln = run(
+                FitConfig.from_dict(
+                    {**common, "method": "ln", "fraction": fraction, "out": str(out / domain / f"ln-{tag}")}
+                )
+            )
             oracle = fsr_of_run(ln, ref)
             est = estimate_fsr_of_run(ln, echo=None)
             n_train = len(rd.RunDir(ln).read_json(rd.SPLITS)["splits"]["train"]["indices"])
@@ -119,7 +123,9 @@ def main() -> None:
                 )
             for method in ("lp", "lp-ln", "cyclic"):
                 d = run(
-                    FitConfig(**common, method=method, fraction=fraction, out=str(out / domain / f"{method}-{tag}"))
+                    FitConfig.from_dict(
+                        {**common, "method": method, "fraction": fraction, "out": str(out / domain / f"{method}-{tag}")}
+                    )
                 )
                 rows.append({**base, "method": method, "lambda": None, **accuracy(read_metrics(d))})
                 if method == "cyclic":

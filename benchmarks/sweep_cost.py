@@ -39,7 +39,7 @@ import argparse
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -166,10 +166,10 @@ def lr_grid(args: argparse.Namespace, backbone: nn.Module, images: Images, n_tra
     """--study lr-grid: --lrs x SEEDS runs of `ln` in one batched pass against one run alone."""
     classes = int(images.y.max()) + 1
     kwargs = TINY if args.model == "lnshift/test-vit" else {}
-    cfg = FitConfig(
-        model=args.model, model_kwargs=kwargs, steps=args.steps, batch_size=args.batch_size, method="ln",
-        precision=args.precision,
-    )  # fmt: skip
+    cfg = FitConfig.from_dict({
+        "model": args.model, "model_kwargs": kwargs, "steps": args.steps, "batch_size": args.batch_size,
+        "method": "ln", "precision": args.precision,
+    })  # fmt: skip
     model = build_model(cfg, backbone, classes).to(device)
     runs = [(lr, seed) for lr in args.lrs for seed in SEEDS]
     by_seed = [{k: v.to(device) for k, v in s.items()} for s in initial_states(cfg, backbone, classes, SEEDS)]
@@ -179,12 +179,10 @@ def lr_grid(args: argparse.Namespace, backbone: nn.Module, images: Images, n_tra
     lrs = [lr for lr, _ in runs]
 
     def grid(steps: int) -> list[dict]:
-        return train_runs(
-            model, starts, lambda step: [b(step) for b in batches], replace(cfg, steps=steps), device, lrs
-        )
+        return train_runs(model, starts, lambda step: [b(step) for b in batches], cfg.replace(steps=steps), device, lrs)
 
     def one(steps: int) -> dict:
-        return train_alone(model, starts[0], batches[0], replace(cfg, steps=steps, lr=lrs[0]), device)
+        return train_alone(model, starts[0], batches[0], cfg.replace(steps=steps, lr=lrs[0]), device)
 
     grid(8), one(8)  # kernels and allocator caches, with the timed runs' batch shapes
     tuned, t_grid = timed(lambda: grid(args.steps), device)
@@ -263,8 +261,8 @@ def main() -> None:
     val_grid = chunks(images, n_train, args.val, max(1, args.eval_batch_size // len(DEFAULT_GRID)))
 
     common = {"model": args.model, "model_kwargs": kwargs, "steps": args.steps, "batch_size": args.batch_size}
-    cfg = FitConfig(**common, method="cyclic", cycles=2, precision=args.precision)
-    cfg_ln = replace(cfg, method="ln")
+    cfg = FitConfig.from_dict({**common, "method": "cyclic", "cycles": 2, "precision": args.precision})
+    cfg_ln = cfg.replace(method="ln")
     model = build_model(cfg, backbone, classes).to(device)
     runs = [(frac, seed) for frac in args.fractions for seed in SEEDS]
     pools = []
@@ -273,7 +271,7 @@ def main() -> None:
         pools.append(order[: max(1, int(frac * n_train))])
     steps = [run_steps(args.length, args.steps, args.epochs, len(pool), args.batch_size) for pool in pools]
     steps_c = run_steps(args.length, args.steps, args.epochs, n_train, args.batch_size)
-    phases = len(phases_for(cfg.method, cfg.cycles))
+    phases = len(phases_for(cfg.method.name, cfg.method.cycles))
     too_short = sorted({frac for (frac, _), n in zip(runs, steps, strict=True) if n < phases})
     if too_short:
         ap.error(
@@ -310,7 +308,7 @@ def main() -> None:
 
     def one_by_one(steps: list[int]) -> list[dict]:
         return [
-            train_alone(model, s, b, replace(cfg, steps=n), device)
+            train_alone(model, s, b, cfg.replace(steps=n), device)
             for s, b, n in zip(starts, batches, steps, strict=True)
         ]
 
@@ -322,13 +320,13 @@ def main() -> None:
             def pairs(step: int, group: list[int] = group) -> list[tuple[Tensor, Tensor]]:
                 return [batches[r](step) for r in group]
 
-            tuned = train_runs(model, [starts[r] for r in group], pairs, replace(cfg, steps=n), device)
+            tuned = train_runs(model, [starts[r] for r in group], pairs, cfg.replace(steps=n), device)
             trained.update(zip(group, tuned, strict=True))
         return [trained[r] for r in range(len(runs))]
 
     def reference(steps: int) -> dict:
         full = stream(images, torch.arange(n_train), 0, args.batch_size)
-        return train_alone(model, start_ln, full, replace(cfg_ln, steps=steps), device)
+        return train_alone(model, start_ln, full, cfg_ln.replace(steps=steps), device)
 
     # kernels, autotuning and allocator caches before timing, with the timed runs' batch shapes:
     # distinct lengths stay distinct, so the batched warm-up trains the same groups of runs

@@ -68,7 +68,7 @@ def test_adapter_holds_only_layernorms_and_head(ln_run):
 def test_loaded_run_reproduces_saved_validation_metrics(ln_run):
     """On the run's own device and precision, bit for bit."""
     saved = load_run(ln_run)
-    device = resolve_device(saved.cfg.device)
+    device = resolve_device(saved.cfg.runtime.device)
     splits = json.loads((ln_run / rd.SPLITS).read_text())
     val = splits["splits"]["val"]
     source = open_source(resolve_spec(val["source"]))
@@ -76,13 +76,15 @@ def test_loaded_run_reproduces_saved_validation_metrics(ln_run):
     ds = ImageDataset(source, val["indices"], splits["class_to_idx"], make_transform(data_config, train=False))
     if "input pipeline: device" in (ln_run / rd.LOG).read_text():  # as the run scored it: normalised on the GPU
         ds = to_device(ds, data_config, device, crops=False)
-    logits, labels = predict(saved.model.to(device), loader(ds, saved.cfg, train=False), device, saved.cfg.precision)
+    logits, labels = predict(
+        saved.model.to(device), loader(ds, saved.cfg, train=False), device, saved.cfg.optim.precision
+    )
     metrics = json.loads((ln_run / rd.METRICS).read_text())["val"]
     assert float(np.mean(logits.argmax(1) == labels)) == metrics["accuracy"]
     loss = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
     assert loss == pytest.approx(metrics["loss"], abs=1e-6)
     again, _ = predict(
-        load_run(ln_run).model.to(device), loader(ds, saved.cfg, train=False), device, saved.cfg.precision
+        load_run(ln_run).model.to(device), loader(ds, saved.cfg, train=False), device, saved.cfg.optim.precision
     )
     assert np.array_equal(logits, again)
 
@@ -122,7 +124,7 @@ def test_existing_run_is_refused_with_a_clear_error(ln_run, capsys):
 
 @pytest.mark.parametrize("fast_paths", ["auto", "all"])
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch, fast_paths):
-    """Also with other fast paths on resume (RESUME_FREE: they change float rounding only)."""
+    """Also with other fast paths on resume (runtime options: they change float rounding only)."""
     import lnshift.loop as loop
 
     assert fit(tmp_path / "whole", "--method", "lp-ln") == 0
@@ -178,7 +180,7 @@ def test_inspect_defaults_to_fit_s_model_and_shows_its_training_preprocessing(ca
     """The architecture only, but the preprocessing that training uses: the one stored with the weights."""
     assert main(["inspect", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)["data_config"]
-    used = load_backbone(FitConfig().model).data_config
+    used = load_backbone(FitConfig().model.name).data_config
     assert shown == json.loads(json.dumps(used)) and shown["crop_pct"] == 1.0 and shown["mean"][0] != 0.5
 
 

@@ -79,7 +79,7 @@ def test_demo_json_written(first):
     out, result, _ = first
     saved = json.loads((out / demo.RESULT).read_text())
     assert [row["method"] for row in saved["rows"]] == [row["method"] for row in result["rows"]]
-    assert saved["config"]["fast"] is True and saved["config"]["fit"]["ln"]["steps"] == demo.FAST["steps"]
+    assert saved["config"]["fast"] is True and saved["config"]["fit"]["ln"]["optim"]["steps"] == demo.FAST["steps"]
     assert "torch" in saved["environment"]
 
 
@@ -114,7 +114,7 @@ def test_interrupted_run_is_resumed(first, monkeypatch):
     real_fit = demo.fit
 
     def spy(cfg, echo=None):
-        calls.append((cfg.method, cfg.resume))
+        calls.append((cfg.method.name, cfg.runtime.resume))
         return real_fit(cfg, echo=echo)
 
     monkeypatch.setattr(demo, "fit", spy)

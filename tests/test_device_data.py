@@ -284,8 +284,8 @@ def test_a_global_batch_smaller_than_the_process_count_is_refused(monkeypatch):
     images = dd.DeviceImages(torch.zeros(8, 3, 64, 64, dtype=torch.uint8), torch.arange(8), CONFIG, crops=True)
     monkeypatch.setattr("lnshift.fit.dist.world", lambda: 4)
     with pytest.raises(ConfigError, match="--batch-size 2 is smaller than the 4 data-parallel processes"):
-        loader(images, FitConfig(batch_size=2), train=True)
-    cfg = FitConfig(batch_size=4, min_epoch_steps=1)  # 8 images: an epoch of 2 batches of 4
+        loader(images, FitConfig.from_dict({"batch_size": 2}), train=True)
+    cfg = FitConfig.from_dict({"batch_size": 4, "min_epoch_steps": 1})  # 8 images: an epoch of 2 batches of 4
     assert len(loader(images, cfg, train=True, generator=torch.Generator())) == 2
 
 

@@ -54,8 +54,8 @@ def test_auto_is_on_only_to_train_on_cuda(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_settings_are_checked_and_yaml_booleans_read() -> None:
     with pytest.raises(ConfigError, match="fast-paths: unknown \\['gelu'\\]"):
-        FitConfig(fast_paths="patch_matmul,gelu")
-    assert FitConfig.from_dict({"fast_paths": False}).fast_paths == "off"  # YAML's `off`
+        FitConfig.from_dict({"fast_paths": "patch_matmul,gelu"})
+    assert FitConfig.from_dict({"fast_paths": False}).runtime.fast_paths == "off"  # YAML's `off`
     with pytest.raises(ConfigError, match="unknown fast paths"):
         load_backbone("test_vit", pretrained=False, model_kwargs=TINY, fast_paths=["fused"])
 
@@ -63,7 +63,7 @@ def test_settings_are_checked_and_yaml_booleans_read() -> None:
 @pytest.mark.parametrize("name", ["test_vit", "lnshift/vit-tiny-cifar10"])
 def test_cpu_and_library_default_are_plain(name: str) -> None:
     assert plain(load_backbone(name, pretrained=False))
-    cfg = FitConfig(model=name, pretrained=False)
+    cfg = FitConfig.from_dict({"model": name, "pretrained": False})
     assert plain(load_configured_backbone(cfg, CPU, training=True))
     assert plain(load_configured_backbone(cfg, CUDA, training=False))  # evaluation, merge on a GPU: plain too
 

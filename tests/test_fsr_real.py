@@ -35,8 +35,8 @@ def test_estimated_fsr_tracks_the_oracle_on_pacs_art(tmp_path):
         fsr_subsets="0.5,0.75",
         fsr_seeds=1,
     )
-    ref = fit(FitConfig(**common, out=str(tmp_path / "ref")), echo=None)
-    run = fit(FitConfig(**common, fraction=0.1, out=str(tmp_path / "run")), echo=None)
+    ref = fit(FitConfig.from_dict({**common, "out": str(tmp_path / "ref")}), echo=None)
+    run = fit(FitConfig.from_dict({**common, "fraction": 0.1, "out": str(tmp_path / "run")}), echo=None)
     oracle = fsr_of_run(run.path, ref.path)
     assert not oracle.warnings  # same schedule on both sides
     est = estimate_fsr_of_run(run.path, echo=None)

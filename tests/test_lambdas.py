@@ -18,8 +18,8 @@ TINY = {"img_size": 32, "patch_size": 8}
 
 @pytest.fixture(scope="module")
 def tuned_model():
-    cfg = FitConfig(model="lnshift/test-vit", model_kwargs=TINY)
-    model = build_model(cfg, load_backbone(cfg.model, pretrained=False, model_kwargs=TINY), num_classes=3).eval()
+    cfg = FitConfig.from_dict({"model": "lnshift/test-vit", "model_kwargs": TINY})
+    model = build_model(cfg, load_backbone(cfg.model.name, pretrained=False, model_kwargs=TINY), num_classes=3).eval()
     names = get_strategy("ln").select(model, StrategyOptions())
     base = snapshot(model, names)
     gen = torch.Generator().manual_seed(0)

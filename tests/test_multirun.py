@@ -1,7 +1,6 @@
 """Batched multi-run training: R runs in one batch equal the same runs trained one by one with loop.run_phase."""
 
 import json
-from dataclasses import replace
 
 import pytest
 import torch
@@ -34,7 +33,7 @@ def backbone64():
 def config(**kw) -> FitConfig:
     """A short, fast-moving schedule with warm-up and label smoothing, so every setting takes part."""
     base = {"model": "lnshift/test-vit", "model_kwargs": TINY, "steps": 8, "lr": 1e-2, "warmup": 0.25}
-    return FitConfig(**{**base, "label_smoothing": 0.1} | kw)
+    return FitConfig.from_dict({**base, "label_smoothing": 0.1} | kw)
 
 
 def batch(step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -91,7 +90,7 @@ def test_runs_with_their_own_learning_rates_equal_each_run_alone(backbone64):
     lrs = [1e-2, 1e-1, 1e-2]
     batched = train_runs(model, starts, batches, cfg, CPU, lrs)
     for r, lr in enumerate(lrs):
-        alone = train_alone(model, starts[r], lambda step, r=r: batches(step)[r], replace(cfg, lr=lr), CPU)
+        alone = train_alone(model, starts[r], lambda step, r=r: batches(step)[r], cfg.replace(lr=lr), CPU)
         assert max_diff(alone, batched[r]) < 1e-10, r
     same_start = train_runs(model, [starts[0]] * 2, lambda step: batches(step)[:1] * 2, cfg, CPU, [1e-2, 1e-1])
     assert max_diff(same_start[0], same_start[1]) > 1e-3  # the learning rate made a difference
@@ -167,7 +166,7 @@ def test_bf16_autocast_trains(backbone):
     ("change", "message"), [({"method": "full"}, "train only"), ({"steps": None}, "fixed step budget")]
 )
 def test_refuses_what_it_cannot_batch(backbone, change, message):
-    cfg = replace(config(), **change)
+    cfg = config().replace(**change)
     with pytest.raises(ConfigError, match=message):
         train_runs(build_model(cfg, backbone, CLASSES), [], batch, cfg, CPU)
 
@@ -215,13 +214,13 @@ def test_sweep_batched_writes_every_run_directory_and_the_table(tmp_path, device
     run = sweep.run_dir("mini/ln/f1/s1")
     config = yaml.safe_load((run / rd.CONFIG).read_text())
     # the random test backbone differs per seed, so each seed's 2 regimes were batched together
-    assert len(config["batched"]["with"]) == 2 and config["fit"]["seed"] == 1
+    assert len(config["batched"]["with"]) == 2 and config["fit"]["optim"]["seed"] == 1
     fast_paths = [] if device == "cpu" else ["patch_matmul", "table_gelu", "class_token"]  # `auto` trains fast on CUDA
     assert config["resolved"] == {"fast_paths": fast_paths, "input_pipeline": "device"}
     saved = load_run(run)  # the run directory contract holds: it loads back and scores as saved
     data = prepare_data(saved.cfg, saved.model.backbone.data_config)
     at, val_split = torch.device(device), loader(data.val, saved.cfg, train=False)
-    val = evaluate(saved.model.to(at), val_split, len(data.classes), at, saved.cfg.precision)
+    val = evaluate(saved.model.to(at), val_split, len(data.classes), at, saved.cfg.optim.precision)
     assert val["accuracy"] == json.loads((run / rd.METRICS).read_text())["val"]["accuracy"]
     lam = json.loads((sweep.run_dir("mini/ln+auto/f1/s1") / rd.LAMBDA).read_text())
     assert lam["selected_on"] == "val"
@@ -271,12 +270,12 @@ def test_learning_rate_candidates_in_one_pass_are_the_runs_fit_makes(tmp_path, d
 
     sweep = batched_sweep(tmp_path, ["ln"], device=device)
     cell = sw.cells(sweep)[0]
-    cfgs = [replace(sweep.fit_config(cell), lr=lr, out=str(tmp_path / f"lr{lr}")) for lr in (0.01, 0.1)]
+    cfgs = [sweep.fit_config(cell).replace(lr=lr, out=str(tmp_path / f"lr{lr}")) for lr in (0.01, 0.1)]
     together = fit_batched(cfgs, torch.device(device))
     for cfg, run in zip(cfgs, together, strict=True):
-        alone = fit(replace(cfg, out=str(tmp_path / f"fit{cfg.lr}")), echo=None)
+        alone = fit(cfg.replace(out=str(tmp_path / f"fit{cfg.optim.lr}")), echo=None)
         a, b = (load_file(r.path / "adapter.safetensors") for r in (run, alone))
-        assert max_diff(a, b) < 1e-4, cfg.lr
+        assert max_diff(a, b) < 1e-4, cfg.optim.lr
     a, b = (load_file(r.path / "adapter.safetensors") for r in together)
     assert max_diff(a, b) > 1e-3
 
@@ -299,11 +298,13 @@ def test_a_candidate_that_diverges_in_the_batched_pass_is_a_failed_candidate(tmp
 
     monkeypatch.setattr(multirun, "train_runs", nan_for_the_largest)
     sweep = batched_sweep(tmp_path, ["ln"])
-    cfg = replace(sweep.fit_config(sw.cells(sweep)[0]), search={"lr": [0.01, 0.1]})
-    runs = multirun.fit_batched([candidate_config(cfg, v) for v in candidates(cfg.search)], CPU, score_tests=False)
+    cfg = sweep.fit_config(sw.cells(sweep)[0]).replace(search={"lr": [0.01, 0.1]})
+    runs = multirun.fit_batched(
+        [candidate_config(cfg, v) for v in candidates(cfg.optim.search)], CPU, score_tests=False
+    )
     assert [r.done for r in runs] == [True, False] and "NonFiniteLossError" in (runs[1] / rd.FAILED).read_text()
     monkeypatch.setattr("lnshift.search.train_run", lambda *a, **k: pytest.fail("a candidate was trained again"))
-    fit(replace(cfg, resume=True), echo=None)  # as the sweep finishes a cell whose candidates are trained
+    fit(cfg.replace(resume=True), echo=None)  # as the sweep finishes a cell whose candidates are trained
     result = json.loads((tmp_path / "s" / "runs" / sw.cells(sweep)[0].unit / SEARCH_JSON).read_text())
     assert [c["status"] for c in result["candidates"]] == ["done", "failed"] and result["chosen"] == {"lr": 0.01}
 
@@ -315,7 +316,7 @@ def test_a_run_trained_with_others_equals_it_trained_alone(tmp_path, device):
     sweep = batched_sweep(tmp_path, ["ln"], device=device)
     cfgs = [sweep.fit_config(c) for c in sw.cells(sweep)]
     together = fit_batched(cfgs, torch.device(device))
-    alone = fit_batched([replace(cfgs[2], out=str(tmp_path / "alone"))], torch.device(device))[0]
+    alone = fit_batched([cfgs[2].replace(out=str(tmp_path / "alone"))], torch.device(device))[0]
     a, b = (load_file(r.path / "adapter.safetensors") for r in (together[2], alone))
     assert max_diff(a, b) < 1e-5
     assert max_diff(a, load_file(together[0].path / "adapter.safetensors")) > 1e-4  # the runs really differ
@@ -330,7 +331,7 @@ def test_batched_runs_refuse_what_fit_would_do_otherwise(tmp_path, change, messa
     from lnshift.multirun import fit_batched
 
     sweep = batched_sweep(tmp_path, ["ln"])
-    cfgs = [replace(sweep.fit_config(c), **change) for c in sw.cells(sweep)]
+    cfgs = [sweep.fit_config(c).replace(**change) for c in sw.cells(sweep)]
     with pytest.raises(ConfigError, match=message):
         fit_batched(cfgs, CPU)
 
@@ -346,9 +347,9 @@ def test_a_batched_run_is_the_run_fit_makes(tmp_path, method, options, device):
     from lnshift.pipeline import fit
 
     sweep = batched_sweep(tmp_path, [method], device=device)
-    cfgs = [replace(sweep.fit_config(c), **options) for c in sw.cells(sweep) if c.seed == 0]  # both regimes
+    cfgs = [sweep.fit_config(c).replace(**options) for c in sw.cells(sweep) if c.seed == 0]  # both regimes
     together = fit_batched(cfgs, torch.device(device))
-    batched, alone = together[0], fit(replace(cfgs[0], out=str(tmp_path / "fit")), echo=None)
+    batched, alone = together[0], fit(cfgs[0].replace(out=str(tmp_path / "fit")), echo=None)
     a, b = (load_file(r.path / "adapter.safetensors") for r in (batched, alone))
     assert max_diff(a, b) < 1e-4 < max_diff(a, load_file(alone.path / "base.safetensors"))
     ma, mb = (json.loads((r.path / "metrics.json").read_text()) for r in (batched, alone))
@@ -360,7 +361,7 @@ def test_a_batched_run_is_the_run_fit_makes(tmp_path, method, options, device):
     assert [p["steps"] for p in ca["phases"]] == [p["steps"] for p in cb["phases"]]
     assert ca["budget"] == cb["budget"] and ca["budget"]["steps"] == 6 * (4 if method == "cyclic-kx" else 1)
     val_size = options.get("val_size", "holdout")
-    assert yaml.safe_load((batched.path / rd.CONFIG).read_text())["fit"]["val_size"] == val_size
+    assert yaml.safe_load((batched.path / rd.CONFIG).read_text())["fit"]["data"]["val_size"] == val_size
     # each run validates on its own data: 2 shots on 2 images per class under match, the full hold-out otherwise
     sizes = [json.loads((r.path / rd.SPLITS).read_text())["validation"]["size"] for r in together]
     assert (sizes[0] < sizes[1]) == (val_size == "match")
@@ -375,12 +376,12 @@ def test_runs_with_an_epoch_budget_are_batched_by_length_and_equal_fit(tmp_path,
 
     sweep = batched_sweep(tmp_path, ["cyclic"], device=device)
     cfgs = [
-        replace(sweep.fit_config(c), steps=None, epochs=2, min_epoch_steps=1) for c in sw.cells(sweep) if c.seed == 0
+        sweep.fit_config(c).replace(steps=None, epochs=2, min_epoch_steps=1) for c in sw.cells(sweep) if c.seed == 0
     ]
     batched = fit_batched(cfgs, torch.device(device))
     steps = []
     for cfg, run in zip(cfgs, batched, strict=True):
-        alone = fit(replace(cfg, out=str(tmp_path / f"fit-{len(steps)}")), echo=None)
+        alone = fit(cfg.replace(out=str(tmp_path / f"fit-{len(steps)}")), echo=None)
         a, b = (load_file(r.path / "adapter.safetensors") for r in (run, alone))
         assert max_diff(a, b) < 1e-4
         ma, mb = (json.loads((r.path / rd.METRICS).read_text()) for r in (run, alone))
@@ -390,5 +391,5 @@ def test_runs_with_an_epoch_budget_are_batched_by_length_and_equal_fit(tmp_path,
         steps.append(sum(p["steps"] for p in pa))
     assert steps[0] < steps[1]  # 2 shots per class train for fewer steps than the full split
     for cfg, run in zip(cfgs, batched, strict=True):  # so each trained in a pass of its own
-        assert yaml.safe_load((run.path / rd.CONFIG).read_text())["batched"]["with"] == [cfg.out]
+        assert yaml.safe_load((run.path / rd.CONFIG).read_text())["batched"]["with"] == [cfg.runtime.out]
         assert "with 0 other run(s)" in (run.path / rd.LOG).read_text()

@@ -55,10 +55,10 @@ def test_fsr_sub_runs_of_cyclic_kx_train_the_runs_steps_per_phase(monkeypatch, t
     seen = []
     monkeypatch.setattr("lnshift.fsr_runs.train_run", lambda cfg, device, echo: seen.append(cfg))
     for method in ("cyclic", "cyclic-kx"):
-        cfg = FitConfig(method=method, cycles=2, steps=12)
+        cfg = FitConfig.from_dict({"method": method, "cycles": 2, "steps": 12})
         total = sum(phase_steps(method, 2, 12))
         sub_run(cfg, tmp_path, 0.5, 0, total, None, "1/1")
-        assert phase_steps(method, 2, seen[-1].steps) == phase_steps(method, 2, 12)
+        assert phase_steps(method, 2, seen[-1].optim.steps) == phase_steps(method, 2, 12)
 
 
 def test_every_method_has_a_learning_rate_grid_and_default():

@@ -55,23 +55,23 @@ def test_a_run_interrupted_in_its_final_lambda_resumes_without_training_again(tm
     options = {"model": "lnshift/test-vit", "model_kwargs": {"img_size": 32, "patch_size": 8}, "method": "lp-ln"}
     options |= {"shots": 4, "steps": 4, "batch_size": 8, "min_epoch_steps": 1, "workers": 0, "progress": False}
     options |= {"test": {"sketch": "builtin:pacs-mini/sketch"}, "lam": "auto", "lambda_grid": "0,1,2"}
-    whole = pipeline.fit(FitConfig(**options, out=str(tmp_path / "whole")), echo=None)
+    whole = pipeline.fit(FitConfig.from_dict({**options, "out": str(tmp_path / "whole")}), echo=None)
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    cut = FitConfig(**options, out=str(tmp_path / "cut"))
+    cut = FitConfig.from_dict({**options, "out": str(tmp_path / "cut")})
     monkeypatch.setattr(pipeline, "rescale_run", interrupted)
     with pytest.raises(KeyboardInterrupt):
         pipeline.fit(cut, echo=None)
-    run = rd.RunDir(cut.out)
+    run = rd.RunDir(cut.runtime.out)
     assert (run / rd.ADAPTER).exists() and (run / rd.CHECKPOINT_STATE).exists()
     assert not (run / rd.METRICS).exists() and not run.done
     monkeypatch.undo()
     phases = []
     real = fit_module.run_phase
     monkeypatch.setattr(fit_module, "run_phase", lambda *a, **k: phases.append(a[1]) or real(*a, **k))
-    pipeline.fit(FitConfig(**options, out=cut.out, resume=True), echo=None)
+    pipeline.fit(cut.replace(resume=True), echo=None)
     assert phases == [] and run.done and not (run / rd.CHECKPOINT_STATE).exists()  # nothing trained again
     for name in (rd.ADAPTER, rd.FINETUNED):
         a, b = load_file(whole / name), load_file(run / name)

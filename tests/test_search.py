@@ -55,7 +55,8 @@ def test_search_writes_every_candidate_and_chooses_the_best_on_validation(search
     expected = 0 if accs[0] >= accs[1] else 1  # ties go to the smaller value
     assert result["chosen"] == result["candidates"][expected]["values"]
     config = rd.RunDir(out).read_config()
-    assert config["fit"]["lr"] == result["chosen"]["lr"] and config["fit"]["search"] == {"lr": [0.001, 0.03]}
+    optim = config["fit"]["optim"]  # config.yaml records the options by section
+    assert optim["lr"] == result["chosen"]["lr"] and optim["search"] == {"lr": [0.001, 0.03]}
     assert config["search"]["chosen"] == result["chosen"]
 
 
@@ -88,7 +89,7 @@ def test_a_diverged_candidate_is_recorded_as_failed_and_the_others_still_run(tmp
     real = fit_module.run_phase
 
     def diverging(model, plan, cfg, *args, **kwargs):
-        if cfg.lr >= 0.03:
+        if cfg.optim.lr >= 0.03:
             raise NonFiniteLossError("loss is nan at step 3")
         return real(model, plan, cfg, *args, **kwargs)
 
@@ -103,18 +104,20 @@ def test_a_diverged_candidate_is_recorded_as_failed_and_the_others_still_run(tmp
 
 
 def _options(out, **extra):
-    return FitConfig(
-        model="lnshift/test-vit",
-        model_kwargs={"img_size": 32, "patch_size": 8},
-        shots=4,
-        steps=4,
-        batch_size=8,
-        min_epoch_steps=1,
-        workers=0,
-        progress=False,
-        test={},
-        out=str(out),
-        **extra,
+    return FitConfig.from_dict(
+        dict(
+            model="lnshift/test-vit",
+            model_kwargs={"img_size": 32, "patch_size": 8},
+            shots=4,
+            steps=4,
+            batch_size=8,
+            min_epoch_steps=1,
+            workers=0,
+            progress=False,
+            test={},
+            out=str(out),
+            **extra,
+        )
     )
 
 
@@ -124,8 +127,8 @@ def test_a_killed_search_resumes_with_its_finished_candidates(tmp_path, monkeypa
     trained = []
 
     def once(model, plan, c, *args, **kwargs):
-        trained.append(c.lr)
-        if c.lr == 0.01 and len(trained) == 2:
+        trained.append(c.optim.lr)
+        if c.optim.lr == 0.01 and len(trained) == 2:
             raise KeyboardInterrupt  # killed during the second candidate
         return real(model, plan, c, *args, **kwargs)
 
@@ -134,7 +137,7 @@ def test_a_killed_search_resumes_with_its_finished_candidates(tmp_path, monkeypa
         pipeline.fit(cfg, echo=None)
     with pytest.raises(Exception, match="unfinished run"):
         pipeline.fit(cfg, echo=None)
-    pipeline.fit(FitConfig.from_dict({**cfg.to_dict(), "resume": True}), echo=None)
+    pipeline.fit(cfg.replace(resume=True), echo=None)
     assert trained == [0.001, 0.01, 0.01]  # the finished candidate was not trained again
     assert json.loads((tmp_path / "r" / SEARCH_JSON).read_text())["chosen"] is not None
 
@@ -142,10 +145,10 @@ def test_a_killed_search_resumes_with_its_finished_candidates(tmp_path, monkeypa
 def test_grids_come_from_the_lr_option_or_search_and_auto_is_the_methods_grid():
     from lnshift.phases import LR_GRID
 
-    assert FitConfig(lr="auto", method="full").search == {"lr": list(LR_GRID["full"])}
-    cfg = FitConfig(lr="3e-2,1e-3,1e-3")
-    assert cfg.search == {"lr": [0.001, 0.03]}
-    assert FitConfig(search={"weight_decay": [0.05, 0]}).search == {"weight_decay": [0.0, 0.05]}
+    assert FitConfig.from_dict({"lr": "auto", "method": "full"}).optim.search == {"lr": list(LR_GRID["full"])}
+    cfg = FitConfig.from_dict({"lr": "3e-2,1e-3,1e-3"})
+    assert cfg.optim.search == {"lr": [0.001, 0.03]}
+    assert FitConfig.from_dict({"search": {"weight_decay": [0.05, 0]}}).optim.search == {"weight_decay": [0.0, 0.05]}
     for bad, match in [
         ({"lr": "fast"}, "--lr"),
         ({"search": {"seed": [1, 2]}}, "'seed' cannot be searched"),
@@ -154,7 +157,7 @@ def test_grids_come_from_the_lr_option_or_search_and_auto_is_the_methods_grid():
         ({"select_metric": "speed"}, "--select-metric"),
     ]:
         with pytest.raises(ConfigError, match=match):
-            FitConfig(**bad)
+            FitConfig.from_dict(bad)
 
 
 @pytest.mark.parametrize(
@@ -180,8 +183,8 @@ def test_fsr_sub_runs_train_and_keep_exactly_the_runs_steps(tmp_path):
     subs = sorted((out / "fsr-estimate").iterdir())
     assert len(subs) == 2
     for sub in subs:
-        config = rd.RunDir(sub).read_config()["fit"]
-        assert config["select"] == "last" and config["search"] == {} and config["lr"] == chosen
+        optim = rd.RunDir(sub).read_config()["fit"]["optim"]
+        assert optim["select"] == "last" and optim["search"] == {} and optim["lr"] == chosen
         [phase] = json.loads((sub / rd.CYCLES).read_text())["phases"]
         assert phase["steps"] == 6 and phase["history"][-1]["step"] == 6
         assert phase["best_epoch"] == len(phase["history"]) > 1  # the last of several epochs was kept

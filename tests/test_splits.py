@@ -247,7 +247,7 @@ DATA_CONFIG = {"input_size": (3, 8, 8), "mean": (0.5,) * 3, "std": (0.5,) * 3, "
 
 
 def splits_of(train: str, **options) -> Data:
-    cfg = FitConfig(train=train, test={}, **options)
+    cfg = FitConfig.from_dict({"train": train, "test": {}, **options})
     return prepare_data(cfg, {**DATA_CONFIG, "crop_pct": 1.0})
 
 

@@ -15,10 +15,9 @@ TINY = {"img_size": 32, "patch_size": 8}
 
 
 def tiny_model(method: str = "ln", head: str = "linear", **cfg_kwargs):
-    cfg = FitConfig(
-        model="lnshift/test-vit", method=method, head=head, model_kwargs=TINY, pretrained=False, **cfg_kwargs
-    )
-    backbone = load_backbone(cfg.model, pretrained=False, model_kwargs=TINY)
+    options = {"model": "lnshift/test-vit", "method": method, "head": head, "model_kwargs": TINY, "pretrained": False}
+    cfg = FitConfig.from_dict({**options, **cfg_kwargs})
+    backbone = load_backbone(cfg.model.name, pretrained=False, model_kwargs=TINY)
     return cfg, build_model(cfg, backbone, num_classes=3)
 
 
@@ -106,7 +105,7 @@ def test_heads_give_logits(head):
 
 def test_cyclic_phases_freeze_the_other_half():
     cfg, model = tiny_model("cyclic", cycles=2, steps=8)
-    plans = plan_phases(model, cfg, cfg.steps)
+    plans = plan_phases(model, cfg, cfg.optim.steps)
     assert [p.phase.strategy for p in plans] == ["head", "layernorm", "head", "layernorm"]
     heads = {n for n, _ in model.named_parameters() if n.startswith("head.")}
     for plan in plans:

@@ -122,7 +122,9 @@ def test_rerun_skips_finished_cells_and_resumes_the_rest(done, monkeypatch):
     calls = []
     real_fit, real_rescale = sw.fit, sw.rescale_run
     monkeypatch.setattr(
-        sw, "fit", lambda cfg, echo=None: calls.append(("fit", cfg.out, cfg.resume)) or real_fit(cfg, echo=None)
+        sw,
+        "fit",
+        lambda cfg, echo=None: calls.append(("fit", cfg.runtime.out, cfg.runtime.resume)) or real_fit(cfg, echo=None),
     )
     monkeypatch.setattr(
         sw, "rescale_run", lambda *a, **k: calls.append(("rescale", str(k["out"]))) or real_rescale(*a, **k)
@@ -167,9 +169,9 @@ def test_shards_are_disjoint_cover_all_cells_and_keep_units_whole(tmp_path, monk
     trained, rescaled = [], []
 
     def fake_fit(cfg, echo=None):
-        trained.append(cfg.out)
-        rd.RunDir(cfg.out).prepare(resume=False, overwrite=False)
-        rd.RunDir(cfg.out).mark_done()
+        trained.append(cfg.runtime.out)
+        rd.RunDir(cfg.runtime.out).prepare(resume=False, overwrite=False)
+        rd.RunDir(cfg.runtime.out).mark_done()
 
     def fake_rescale(path, lam, *, out, **kw):
         rescaled.append(str(out))
@@ -189,7 +191,7 @@ def test_cyclic_kx_and_its_rescaled_variant_are_sweep_methods(tmp_path):
     data["methods"] = ["cyclic", "cyclic-kx", "cyclic-kx+auto"]
     sweep = sw.load_sweep(write(tmp_path / "s.yaml", data))
     cell = next(c for c in sw.cells(sweep) if c.method == "cyclic-kx+auto")
-    assert (cell.unit, sweep.fit_config(cell).method) == ("mini/cyclic-kx/shots2/s0", "cyclic-kx")
+    assert (cell.unit, sweep.fit_config(cell).method.name) == ("mini/cyclic-kx/shots2/s0", "cyclic-kx")
 
 
 @pytest.mark.parametrize(

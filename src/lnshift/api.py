@@ -189,4 +189,4 @@ def fit_run(config: FitConfig | None = None, *, echo: Callable[[str], None] | No
         # replace() would keep what the config resolved from its old values (the method's lr, test sets)
         raise ConfigError("give fit_run a FitConfig or options, not both")
     cfg = config if config is not None else FitConfig.from_dict(options, source="fit_run options")
-    return Run(fit(cfg, echo).path, cfg.device)
+    return Run(fit(cfg, echo).path, cfg.runtime.device)

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from . import __version__
-from .config import DEFAULT_MODEL, _parse_named, _parse_yaml_dict, add_fit_options, config_from_args
+from .config import DEFAULT_MODEL, add_fit_options, config_from_args, parse_named, parse_yaml_dict
 from .errors import ConfigError, LNShiftError
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
@@ -34,12 +34,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from .pipeline import fit
 
     cfg = config_from_args(args)
-    if not dist.launched() and cfg.devices > 1:  # the same command, once per GPU, under torchrun
-        dist.check_devices(cfg.devices, resolve_device(cfg.device))
-        return dist.launch(cfg.devices, args.argv)
+    if not dist.launched() and cfg.runtime.devices > 1:  # the same command, once per GPU, under torchrun
+        dist.check_devices(cfg.runtime.devices, resolve_device(cfg.runtime.device))
+        return dist.launch(cfg.runtime.devices, args.argv)
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if cfg.devices > 1 and cfg.devices != per_node:
-        raise ConfigError(f"--devices {cfg.devices}, but torchrun started {per_node} processes per machine")
+    if cfg.runtime.devices > 1 and cfg.runtime.devices != per_node:
+        raise ConfigError(f"--devices {cfg.runtime.devices}, but torchrun started {per_node} processes per machine")
     run = fit(cfg)
     if os.environ.get("RANK", "0") == "0":
         print(f"run directory: {run.path}")
@@ -51,7 +51,7 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--test",
         action="append",
-        type=_parse_named,
+        type=parse_named,
         required=True,
         metavar="NAME=SPEC",
         help="test set to score (repeat for several); recorded in the run's metrics.json",
@@ -113,7 +113,7 @@ def _inspect_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--model-kwargs",
-        type=_parse_yaml_dict,
+        type=parse_yaml_dict,
         default={},
         metavar="YAML",
         help="extra constructor arguments, e.g. '{img_size: 64}'",

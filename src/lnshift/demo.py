@@ -12,7 +12,6 @@ resumed, so a second call only prints the table again.
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import time
 from collections.abc import Callable
@@ -91,24 +90,27 @@ VARIANTS = (
 def demo_config(root: Path, method: str, *, fast: bool, seed: int) -> FitConfig:
     """The fit of one method: photos to train and validate on; held-out photos, cartoons and sketches to test."""
     tests = {ID_TEST: f"{BUILTIN_DATA}/photo-test", **{name: f"{BUILTIN_DATA}/{name}" for name in OOD_TESTS}}
-    return FitConfig(
-        train=f"{BUILTIN_DATA}/photo",
-        test=tests,
-        method=method,
-        seed=seed,
-        select="last",  # every run keeps exactly `steps` steps, so shifts and the FSR estimate compare
-        device="cpu",
-        input_pipeline="device",  # decoded images as tensors in memory: a method's candidates train in one pass
-        workers=0,  # decoded images are cached: worker processes would only compete for the cores
-        progress=not fast,
-        out=str(root / method),
-        **(FAST if fast else FULL),
+    return FitConfig.from_dict(
+        {
+            "train": f"{BUILTIN_DATA}/photo",
+            "test": tests,
+            "method": method,
+            "seed": seed,
+            "select": "last",  # every run keeps exactly `steps` steps, so shifts and the FSR estimate compare
+            "device": "cpu",
+            "input_pipeline": "device",  # decoded images as tensors in memory: a method's candidates train in one pass
+            "workers": 0,  # decoded images are cached: worker processes would only compete for the cores
+            "progress": not fast,
+            "out": str(root / method),
+            **(FAST if fast else FULL),
+        },
+        source="demo",
     )
 
 
 def train(cfg: FitConfig) -> bool:
     """Fit unless a finished run with the same options exists; an interrupted one is resumed. True if it ran."""
-    run = rd.RunDir(cfg.out)
+    run = rd.RunDir(cfg.runtime.out)
     started = run.path.is_dir() and any(run.path.iterdir())
     if started and (run / rd.CONFIG).exists():
         differ = changed_options(run, cfg)
@@ -116,7 +118,7 @@ def train(cfg: FitConfig) -> bool:
             raise ConfigError(f"{run.path} holds a run with other options {differ}; choose another --out")
     if run.done:
         return False
-    fit(dataclasses.replace(cfg, resume=started), echo=None)
+    fit(cfg.replace(resume=started), echo=None)
     return True
 
 
@@ -125,7 +127,7 @@ def train_candidates(cfg: FitConfig, say: Callable[[str], None]) -> bool:
     todo = pending_candidates(cfg)
     if not todo:
         return False
-    say(f"  {len(todo)} learning rates ({', '.join(f'{c.lr:g}' for c in todo)}) in one batched pass")
+    say(f"  {len(todo)} learning rates ({', '.join(f'{c.optim.lr:g}' for c in todo)}) in one batched pass")
     fit_batched(todo, torch.device("cpu"), score_tests=False)
     return True
 
@@ -160,7 +162,7 @@ def describe(variant: Variant, path: Path) -> dict[str, Any]:
         "trained_method": variant.method,
         "lambda": run.read_json(rd.LAMBDA)["lambda"] if variant.lam else None,
         "lambda_rule": variant.lam,
-        "lr": source.read_config()["fit"]["lr"],
+        "lr": FitConfig.from_dict(source.read_config()["fit"]).optim.lr,
         "fsr_est": fsr.get("fsr_est"),
         "fsr_std": fsr.get("fsr_std"),
         "fsr_warning": fsr.get("warning"),
@@ -198,7 +200,7 @@ def run_demo(
         tick = time.time()
         if variant.lam is None:
             cfg = configs[variant.method]
-            say(f"[{i}/{len(VARIANTS)}] {variant.name}: {cfg.steps} steps on {cfg.shots} photos per class")
+            say(f"[{i}/{len(VARIANTS)}] {variant.name}: {cfg.optim.steps} steps on {cfg.data.shots} photos per class")
             ran = train_candidates(cfg, say)
             ran = train(cfg) or ran
         else:
@@ -254,16 +256,16 @@ def as_sweep(result: dict[str, Any]) -> dict[str, Any]:
 def demo_table(result: dict[str, Any]) -> str:
     """A caption saying what was run, then the rows as a fixed-width table (accuracies in %)."""
     config, rows = result["config"], result["rows"]
-    fit_cfg, n = config["fit"]["ln"], rows[0]["n"]
+    ln, n = FitConfig.from_dict(config["fit"]["ln"]), rows[0]["n"]
     id_test, ood = config["id_test"], config["ood_tests"]
     caption = [
-        f"{fit_cfg['model']}: {fit_cfg['steps']} steps of {fit_cfg['batch_size']} images for every method on "
-        f"{n['train']} training photos ({fit_cfg['shots']} per class); {n['val']} held-out photos validate.",
+        f"{ln.model.name}: {ln.optim.steps} steps of {ln.optim.batch_size} images for every method on "
+        f"{n['train']} training photos ({ln.data.shots} per class); {n['val']} held-out photos validate.",
         f"Accuracy in %: ID = {id_test} ({n[id_test]} images), OOD = "
         + ", ".join(f"{name} ({n[name]})" for name in ood)
         + "; shift = summed LayerNorm gamma shift of the saved model;",
         "FSR est = shift / its extrapolation to unlimited data; lambda: 1 / FSR est (fsr) or best on validation (val);",
-        "lr: chosen on validation from " + ", ".join(f"{v:g}" for v in fit_cfg["search"]["lr"]) + ".",
+        "lr: chosen on validation from " + ", ".join(f"{v:g}" for v in ln.optim.search["lr"]) + ".",
     ]
     lines = [["method", "lr", "lambda", "FSR est", "trainable", "shift", "val", f"ID:{id_test}", "OOD mean", *ood]]
     for row in rows:

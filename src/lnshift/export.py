@@ -36,21 +36,23 @@ def _check_exportable(saved: SavedRun) -> list[str]:
     where = f"{saved.run.path}"
     if not isinstance(saved.model.backbone, TimmBackbone):
         raise ConfigError(
-            f"{where}: PEFT export supports timm backbones only; --model {saved.cfg.model!r} is a "
+            f"{where}: PEFT export supports timm backbones only; --model {saved.cfg.model.name!r} is a "
             f"{saved.model.backbone.family} model"
         )
     if not isinstance(saved.model.head, LinearHead):
-        raise ConfigError(f"{where}: PEFT export supports --head linear only, not --head {saved.cfg.head!r}")
+        raise ConfigError(f"{where}: PEFT export supports --head linear only, not --head {saved.cfg.method.head!r}")
     norms = trained_norms(saved)
     held = {f"{m}.{p}" for m in norms for p in ("weight", "bias")} | {"head.fc.weight", "head.fc.bias"}
     other = sorted(set(saved.adapter) - held)
     if other:
         raise ConfigError(
-            f"{where}: --method {saved.cfg.method!r} tuned tensors that are neither norms nor the head, which "
+            f"{where}: --method {saved.cfg.method.name!r} tuned tensors that are neither norms nor the head, which "
             f"PEFT's LN tuning cannot hold: {other[:5]}" + (f" (+{len(other) - 5} more)" if len(other) > 5 else "")
         )
     if not norms:
-        raise ConfigError(f"{where}: --method {saved.cfg.method!r} tuned no LayerNorm; there is no LN tuning to export")
+        raise ConfigError(
+            f"{where}: --method {saved.cfg.method.name!r} tuned no LayerNorm; there is no LN tuning to export"
+        )
     return [m.removeprefix(PREFIX) for m in norms]
 
 
@@ -88,7 +90,7 @@ def run_info(saved: SavedRun) -> dict[str, Any]:
         "timm.kwargs": json.loads(json.dumps(kwargs, default=lambda obj: f"{obj.__module__}.{obj.__qualname__}")),
         "classes": saved.classes,
         "data_config": backbone.data_config,
-        "lnshift.model": saved.cfg.model,
+        "lnshift.model": saved.cfg.model.name,
         "lnshift.run": str(saved.run.path),
     }
 

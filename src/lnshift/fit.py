@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from . import distributed as dist
 from . import rundir as rd
 from .backbones import Backbone, load_backbone, resolve_fast_paths
-from .config import DEVICE_DATA_SHARE, DEVICE_DATA_SHARE_ENV, VAL_SIZES, FitConfig, environment, saved_options
+from .config import DEVICE_DATA_SHARE, DEVICE_DATA_SHARE_ENV, VAL_SIZES, FitConfig, environment
 from .data import (
     ImageDataset,
     ImageSource,
@@ -48,15 +48,7 @@ from .lambdas import lambda_record, parse_grid, select_lambda
 from .loop import PhasePlan, PhaseState, restore, run_phase, seed_everything, snapshot, store_frozen
 from .phases import budget_factor, budget_rule, phase_steps, phases_for
 from .shift import ShiftReport, layer_shift, rescale
-from .strategies import StrategyOptions, get_strategy, norm_module_names
-
-# options that may differ between an interrupted run and its --resume without changing the result
-# (beyond float rounding: another device, compiled kernels, fast paths)
-RESUME_FREE = {
-    "out", "resume", "overwrite", "progress", "workers", "device", "devices", "eval_batch_size", "tensorboard",
-    "compile", "fast_paths",
-}  # fmt: skip
-
+from .strategies import get_strategy, norm_module_names
 
 Images = ImageDataset | DeviceImages  # one split in the workers or the device input pipeline
 CPU = torch.device("cpu")
@@ -74,28 +66,19 @@ class Data:
         return {"train": self.train, "val": self.val, **{f"test:{k}": v for k, v in self.tests.items()}}
 
 
-def strategy_options(cfg: FitConfig) -> StrategyOptions:
-    return StrategyOptions(
-        include_rms=cfg.include_rms,
-        include_layerscale=cfg.include_layerscale,
-        lora_rank=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha,
-    )
-
-
 def open_spec(spec: str, cfg: FitConfig) -> ImageSource:
-    return open_source(resolve_spec(spec), root=cfg.data_root)
+    return open_source(resolve_spec(spec), root=cfg.data.root)
 
 
 def prepare_data(cfg: FitConfig, data_config: dict) -> Data:
     """Open every source, draw the seeded splits (group-aware when groups exist), build the datasets."""
-    train_src = open_spec(cfg.train, cfg)
+    train_src = open_spec(cfg.data.train, cfg)
     classes = train_src.classes
     class_to_idx = {c: i for i, c in enumerate(classes)}
     labels = [s.label for s in train_src.samples]
     groups = [s.group for s in train_src.samples] if train_src.has_groups() else None
     pool = np.arange(len(train_src))
-    sources: dict[str, ImageSource] = {cfg.train: train_src}
+    sources: dict[str, ImageSource] = {cfg.data.train: train_src}
     splits: list[Split] = []
 
     def take(idx: np.ndarray, fraction: float, seed_offset: int) -> tuple[np.ndarray, np.ndarray]:
@@ -103,30 +86,32 @@ def prepare_data(cfg: FitConfig, data_config: dict) -> Data:
             [labels[i] for i in idx],
             None if groups is None else [groups[i] for i in idx],
             fraction=fraction,
-            seed=cfg.seed + seed_offset,
+            seed=cfg.optim.seed + seed_offset,
         )
         return idx[kept], idx[held]
 
-    test_specs = dict(cfg.test)
-    if cfg.test_fraction:
-        pool, held_test = take(pool, cfg.test_fraction, 2)
-        splits.append(Split("test:holdout", cfg.train, held_test.tolist()))
-    if cfg.val:
-        val_src = open_spec(cfg.val, cfg)
+    test_specs = dict(cfg.data.test)
+    if cfg.data.test_fraction:
+        pool, held_test = take(pool, cfg.data.test_fraction, 2)
+        splits.append(Split("test:holdout", cfg.data.train, held_test.tolist()))
+    if cfg.data.val:
+        val_src = open_spec(cfg.data.val, cfg)
         check_classes(classes, val_src, "val")
-        sources[cfg.val] = val_src
-        val = Split("val", cfg.val, list(range(len(val_src))))
+        sources[cfg.data.val] = val_src
+        val = Split("val", cfg.data.val, list(range(len(val_src))))
     else:
-        pool, val_idx = take(pool, cfg.val_fraction, 1)
-        val = Split("val", cfg.train, val_idx.tolist())
+        pool, val_idx = take(pool, cfg.data.val_fraction, 1)
+        val = Split("val", cfg.data.train, val_idx.tolist())
     splits.append(val)
-    if cfg.fraction is not None or cfg.shots is not None:
-        chosen = subsample([labels[i] for i in pool], fraction=cfg.fraction, shots=cfg.shots, seed=cfg.seed)
+    if cfg.data.fraction is not None or cfg.data.shots is not None:
+        chosen = subsample(
+            [labels[i] for i in pool], fraction=cfg.data.fraction, shots=cfg.data.shots, seed=cfg.optim.seed
+        )
         pool = pool[chosen]
     validation = size_validation(cfg, val, sources[val.source], Counter(labels[i] for i in pool))
-    if cfg.subset is not None:  # nested subsets of the training split, for the FSR estimator
-        pool = pool[subsample([labels[i] for i in pool], fraction=cfg.subset, seed=cfg.subset_seed)]
-    splits.insert(0, Split("train", cfg.train, sorted(pool.tolist())))
+    if cfg.method.subset is not None:  # nested subsets of the training split, for the FSR estimator
+        pool = pool[subsample([labels[i] for i in pool], fraction=cfg.method.subset, seed=cfg.method.subset_seed)]
+    splits.insert(0, Split("train", cfg.data.train, sorted(pool.tolist())))
     for name, spec in test_specs.items():
         src = sources.get(spec) or open_spec(spec, cfg)
         check_classes(classes, src, f"test:{name}")
@@ -134,7 +119,7 @@ def prepare_data(cfg: FitConfig, data_config: dict) -> Data:
         splits.append(Split(f"test:{name}", spec, list(range(len(src)))))
     check_disjoint(splits, sources)
     skipped: dict[str, list[str]] = {}
-    if cfg.skip_bad_images:
+    if cfg.data.skip_bad_images:
         for split in splits:
             src = sources[split.source]
             bad = set(src.find_bad(split.indices))
@@ -150,7 +135,7 @@ def prepare_data(cfg: FitConfig, data_config: dict) -> Data:
         if (pairs := find_duplicate_content(sources[s.source], s.indices, sources[t.source], t.indices))
     }
 
-    train_tf = make_transform(data_config, train=True, augment=cfg.augment)
+    train_tf = make_transform(data_config, train=True, augment=cfg.data.augment)
     eval_tf = make_transform(data_config, train=False)
     by_name = {s.name: s for s in splits}
 
@@ -160,16 +145,15 @@ def prepare_data(cfg: FitConfig, data_config: dict) -> Data:
         ds.split = name  # read by the lambda-selection guard
         return ds
 
-    options = {
-        k: getattr(cfg, k) for k in ("fraction", "shots", "val_fraction", "val_size", "test_fraction", "data_root")
-    }
+    given = cfg.options()
+    options = {k: given[k] for k in ("fraction", "shots", "val_fraction", "val_size", "test_fraction", "data_root")}
     return Data(
         classes=classes,
         train=dataset("train", train_tf),
         val=dataset("val", eval_tf),
         tests={s.name.removeprefix("test:"): dataset(s.name, eval_tf) for s in splits if s.name.startswith("test:")},
         splits={
-            **splits_to_dict(splits, sources, classes, cfg.seed, options),
+            **splits_to_dict(splits, sources, classes, cfg.optim.seed, options),
             "validation": {**validation, "size": len(val.indices)},
             "skipped_bad_images": skipped,
             "duplicates_with_test": duplicates,
@@ -183,18 +167,26 @@ def size_validation(cfg: FitConfig, val: Split, source: ImageSource, train_count
     `match` cuts validation to the training subset's images per class (before any FSR --subset), so a
     scarce-data run selects (epochs, lambda, ...) on as much labelled data as such a user would hold out.
     """
-    drawn_from = f"--val {cfg.val}" if cfg.val else f"a --val-fraction {cfg.val_fraction:g} hold-out of --train"
-    record: dict[str, Any] = {"rule": cfg.val_size, "meaning": VAL_SIZES[cfg.val_size], "drawn_from": drawn_from}
+    drawn_from = (
+        f"--val {cfg.data.val}" if cfg.data.val else f"a --val-fraction {cfg.data.val_fraction:g} hold-out of --train"
+    )
+    record: dict[str, Any] = {
+        "rule": cfg.data.val_size,
+        "meaning": VAL_SIZES[cfg.data.val_size],
+        "drawn_from": drawn_from,
+    }
     record["available"] = len(val.indices)
-    if cfg.val_size == "match":
-        if cfg.fraction is None and cfg.shots is None:
+    if cfg.data.val_size == "match":
+        if cfg.data.fraction is None and cfg.data.shots is None:
             record["not_applied"] = "no --fraction or --shots: training uses the whole pool, so all of it validates"
         else:
-            record["matched_to"] = f"--shots {cfg.shots}" if cfg.shots is not None else f"--fraction {cfg.fraction:g}"
+            record["matched_to"] = (
+                f"--shots {cfg.data.shots}" if cfg.data.shots is not None else f"--fraction {cfg.data.fraction:g}"
+            )
             record["target"] = dict(sorted(train_counts.items()))
             samples = [source.samples[i] for i in val.indices]
             groups = [s.group for s in samples] if source.has_groups() else None
-            picked = matched([s.label for s in samples], groups, counts=train_counts, seed=cfg.seed + 3)
+            picked = matched([s.label for s in samples], groups, counts=train_counts, seed=cfg.optim.seed + 3)
             val.indices = [val.indices[k] for k in picked]
     return record
 
@@ -202,10 +194,14 @@ def size_validation(cfg: FitConfig, val: Split, source: ImageSource, train_count
 def load_configured_backbone(cfg: FitConfig, device: torch.device = CPU, training: bool = False) -> Backbone:
     """The backbone of a config, with the fast paths --fast-paths gives it for `device` and `training`;
     seeded first, so a randomly initialised one is the same every time it loads."""
-    torch.manual_seed(cfg.seed)
-    fast_paths = resolve_fast_paths(cfg.fast_paths, device, training)
+    torch.manual_seed(cfg.optim.seed)
+    fast_paths = resolve_fast_paths(cfg.runtime.fast_paths, device, training)
     return load_backbone(
-        cfg.model, cfg.weights, pretrained=cfg.pretrained, model_kwargs=cfg.model_kwargs, fast_paths=fast_paths
+        cfg.model.name,
+        cfg.model.weights,
+        pretrained=cfg.model.pretrained,
+        model_kwargs=cfg.model.kwargs,
+        fast_paths=fast_paths,
     )
 
 
@@ -221,9 +217,9 @@ def input_pipeline(cfg: FitConfig, data: Data, device: torch.device, data_config
 
 def resolve_pipeline(cfg: FitConfig, sizes: dict[str, int], device: torch.device, data_config: dict) -> str:
     """--input-pipeline auto: the device pipeline on a GPU when splits of these sizes fit, else workers."""
-    if cfg.input_pipeline != "auto":
-        return cfg.input_pipeline
-    if device.type != "cuda" or cfg.augment == "strong":
+    if cfg.data.input_pipeline != "auto":
+        return cfg.data.input_pipeline
+    if device.type != "cuda" or cfg.data.augment == "strong":
         return "workers"
     need = sum(estimated_bytes(n, data_config, crops=kept_for_crops(name, cfg)) for name, n in sizes.items())
     share = float(os.environ.get(DEVICE_DATA_SHARE_ENV, DEVICE_DATA_SHARE))
@@ -232,7 +228,7 @@ def resolve_pipeline(cfg: FitConfig, sizes: dict[str, int], device: torch.device
 
 def kept_for_crops(split: str, cfg: FitConfig) -> bool:
     """Whether the device pipeline keeps a split for random crops: the training split, unless --augment none."""
-    return split == "train" and cfg.augment != "none"
+    return split == "train" and cfg.data.augment != "none"
 
 
 def load_images(data: Data, cfg: FitConfig, device: torch.device, data_config: dict, pipeline: str) -> Data:
@@ -261,22 +257,22 @@ def load_images(data: Data, cfg: FitConfig, device: torch.device, data_config: d
 
 def build_model(cfg: FitConfig, backbone: nn.Module, num_classes: int) -> Classifier:
     """Backbone + head, with every strategy of the method prepared (e.g. LoRA modules injected)."""
-    torch.manual_seed(cfg.seed)  # head initialisation depends on the seed only
-    head = build_head(cfg.head, backbone.feature_dim, backbone.token_dim, num_classes, hidden=cfg.head_hidden)
+    torch.manual_seed(cfg.optim.seed)  # head initialisation depends on the seed only
+    head = build_head(
+        cfg.method.head, backbone.feature_dim, backbone.token_dim, num_classes, hidden=cfg.method.head_hidden
+    )
     model = Classifier(backbone, head)
-    options = strategy_options(cfg)
-    for phase in phases_for(cfg.method, cfg.cycles):
-        get_strategy(phase.strategy).prepare(model, options)
+    for phase in phases_for(cfg.method.name, cfg.method.cycles):
+        get_strategy(phase.strategy).prepare(model, cfg.method.strategy)
     return model
 
 
 def plan_phases(model: nn.Module, cfg: FitConfig, total: int) -> list[PhasePlan]:
     """The method's phases, each with the tensors it trains and its share of the `total` budget (cyclic-kx: all)."""
-    phases = phases_for(cfg.method, cfg.cycles, rescale_each_cycle=cfg.lambda_each_cycle)
-    budgets = phase_steps(cfg.method, cfg.cycles, total)
-    options = strategy_options(cfg)
+    phases = phases_for(cfg.method.name, cfg.method.cycles, rescale_each_cycle=cfg.method.lambda_each_cycle)
+    budgets = phase_steps(cfg.method.name, cfg.method.cycles, total)
     return [
-        PhasePlan(i, phase, get_strategy(phase.strategy).select(model, options), steps)
+        PhasePlan(i, phase, get_strategy(phase.strategy).select(model, cfg.method.strategy), steps)
         for i, (phase, steps) in enumerate(zip(phases, budgets, strict=True))
     ]
 
@@ -288,9 +284,9 @@ def trained_names(plans: list[PhasePlan]) -> list[str]:
 
 def run_length(cfg: FitConfig, train: Images) -> int:
     """A run's optimiser steps: --steps, or --epochs passes of epoch_samples over its training split."""
-    if cfg.steps is not None:
-        return cfg.steps
-    return cfg.epochs * -(-epoch_samples(train, cfg) // cfg.batch_size)
+    if cfg.optim.steps is not None:
+        return cfg.optim.steps
+    return cfg.optim.epochs * -(-epoch_samples(train, cfg) // cfg.optim.batch_size)
 
 
 def epoch_samples(dataset: Images, cfg: FitConfig) -> int:
@@ -298,7 +294,7 @@ def epoch_samples(dataset: Images, cfg: FitConfig) -> int:
 
     Few-shot splits would otherwise validate, checkpoint and restart loaders after every step.
     """
-    return max(len(dataset), cfg.batch_size * cfg.min_epoch_steps)
+    return max(len(dataset), cfg.optim.batch_size * cfg.optim.min_epoch_steps)
 
 
 def loader(
@@ -306,8 +302,8 @@ def loader(
 ) -> DataLoader | DeviceBatches:
     """Training: this process's slices of the global batches. Evaluation: its chunk of the split (distributed.py)."""
     if not train:
-        return eval_batches(dataset, cfg.eval_batch_size, cfg.workers)
-    size, rank, world = cfg.batch_size, dist.rank(), dist.world()
+        return eval_batches(dataset, cfg.runtime.eval_batch_size, cfg.runtime.workers)
+    size, rank, world = cfg.optim.batch_size, dist.rank(), dist.world()
     samples = epoch_samples(dataset, cfg)
     if isinstance(dataset, DeviceImages):
         if size < world:  # the device pipeline gives every process a slice of each batch
@@ -319,17 +315,14 @@ def loader(
     sampler = RandomSampler(dataset, num_samples=samples, generator=generator)
     batches = dist.SliceSampler(sampler, size, rank, world)
     pin = torch.cuda.is_available()
-    return DataLoader(dist.Placeholders(dataset), batch_sampler=batches, num_workers=cfg.workers, pin_memory=pin)
+    return DataLoader(
+        dist.Placeholders(dataset), batch_sampler=batches, num_workers=cfg.runtime.workers, pin_memory=pin
+    )
 
 
 def changed_options(run: rd.RunDir, cfg: FitConfig) -> list[str]:
-    """Options, other than RESUME_FREE ones, in which `cfg` differs from the config the run was made with.
-
-    Searched options are compared by their grids (`search`): the run holds the value its search chose.
-    """
-    saved = saved_options(run.read_config().get("fit", {}))
-    now = cfg.to_dict()
-    return sorted(k for k in now if k not in RESUME_FREE and k not in cfg.search and saved[k] != now[k])
+    """Options, other than runtime ones, in which `cfg` differs from the config the run was made with."""
+    return cfg.changed_from(run.read_config().get("fit", {}))
 
 
 def check_resume(run: rd.RunDir, cfg: FitConfig) -> None:
@@ -357,14 +350,14 @@ class Trainee:
 
 def start_run(cfg: FitConfig, echo: Callable[[str], None] | None) -> tuple[rd.RunDir, rd.EventLog]:
     """Create (or reopen, with --resume) the run directory and its log; write config.yaml."""
-    run = rd.RunDir(cfg.out)
-    dist.from_main(partial(run.prepare, resume=cfg.resume, overwrite=cfg.overwrite))
-    if cfg.resume:
+    run = rd.RunDir(cfg.runtime.out)
+    dist.from_main(partial(run.prepare, resume=cfg.runtime.resume, overwrite=cfg.runtime.overwrite))
+    if cfg.runtime.resume:
         dist.from_main(partial(check_resume, run, cfg))
     if dist.is_main():
         (run / rd.FAILED).unlink(missing_ok=True)  # an earlier attempt diverged; this one is tried afresh
-    log = rd.EventLog(run, echo, tensorboard=cfg.tensorboard)
-    log.event("start", resume=cfg.resume)
+    log = rd.EventLog(run, echo, tensorboard=cfg.runtime.tensorboard)
+    log.event("start", resume=cfg.runtime.resume)
     rd.write_yaml(run / rd.CONFIG, {"fit": cfg.to_dict(), "environment": environment(), "command": sys.argv})
     return run, log
 
@@ -378,7 +371,7 @@ def train_run(
     test sets unscored (a search's candidates).
     """
     run, log = start_run(cfg, echo)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.optim.seed)
     trainee = build(cfg, device, run, log)
     phases = train(trainee, cfg, device)
     finish(trainee, cfg, device, phases, score_tests)
@@ -397,7 +390,7 @@ def build(cfg: FitConfig, device: torch.device, run: rd.RunDir, log: rd.EventLog
     pipeline = input_pipeline(cfg, data, device, backbone.data_config)
     data = load_images(data, cfg, device, backbone.data_config, pipeline)
     log.info(f"input pipeline: {pipeline}" + (" (decoded images on the device)" if pipeline == "device" else ""))
-    log.info(f"fast paths: {', '.join(backbone.fast_paths) or 'none'} (--fast-paths {cfg.fast_paths})")
+    log.info(f"fast paths: {', '.join(backbone.fast_paths) or 'none'} (--fast-paths {cfg.runtime.fast_paths})")
     if dist.is_main():
         rd.write_yaml(run / rd.CONFIG, {**run.read_config(), "resolved": resolved(backbone, pipeline)})
     for source in sources:
@@ -410,14 +403,14 @@ def build(cfg: FitConfig, device: torch.device, run: rd.RunDir, log: rd.EventLog
         shown = ", ".join(f"{a} = {b}" for a, b in pairs[:5])
         log.info(f"WARNING: {len(pairs)} test image(s) are byte-identical to {name.split('~')[0]} images: {shown}")
     log.info(
-        f"{cfg.model} | {len(data.classes)} classes | train {len(data.train)}, val {len(data.val)}, "
+        f"{cfg.model.name} | {len(data.classes)} classes | train {len(data.train)}, val {len(data.val)}, "
         + ", ".join(f"test:{k} {len(v)}" for k, v in data.tests.items())
     )
 
     plans = plan_phases(model, cfg, run_length(cfg, data.train))
     names = trained_names(plans)
-    if cfg.frozen_dtype == "bf16":
-        if not uses_bf16(device, cfg.precision):
+    if cfg.optim.frozen_dtype == "bf16":
+        if not uses_bf16(device, cfg.optim.precision):
             raise ConfigError("--frozen-dtype bf16 needs bf16 autocast: --precision bf16, or auto on a GPU")
         log.info(f"frozen weights stored in bf16: {store_frozen(model, names, torch.bfloat16):,} values")
     meta = tensor_meta(model, cfg, data.classes)
@@ -437,13 +430,15 @@ def train(t: Trainee, cfg: FitConfig, device: torch.device) -> list[dict[str, An
     def save_checkpoint(state: PhaseState | None) -> None:
         save_resume_state(t.run, snapshot(model, names), done_phases, state)
 
-    ckpt = dist.from_main(lambda: load_resume_state(t.run) if cfg.resume else None)  # rank 0 reads, all restore
+    ckpt = dist.from_main(lambda: load_resume_state(t.run) if cfg.runtime.resume else None)  # rank 0 reads, all restore
     if ckpt is not None:
         tensors, done_phases, resume_state = ckpt
         restore(model, tensors)
         t.log.info(f"resuming after phase {len(done_phases)} epoch {resume_state.epoch if resume_state else 0}")
 
-    validate = partial(evaluate, model, loader(data.val, cfg, train=False), len(data.classes), device, cfg.precision)
+    validate = partial(
+        evaluate, model, loader(data.val, cfg, train=False), len(data.classes), device, cfg.optim.precision
+    )
     for plan in t.plans[len(done_phases) :]:
         state = run_phase(
             model,
@@ -461,7 +456,7 @@ def train(t: Trainee, cfg: FitConfig, device: torch.device) -> list[dict[str, An
         record.update(best_epoch=state.best_epoch, history=state.history)
         if t.norms:
             record.update(totals(layer_shift(t.base, snapshot(model, names), t.norms)))
-        if plan.phase.rescale_after and cfg.lam is not None:
+        if plan.phase.rescale_after and cfg.method.lam is not None:
             record["lambda"] = apply_lambda(model, cfg, t.norms, t.base, names, data, device)
             record["val_after_lambda"] = validate()["accuracy"]
         done_phases.append(record)
@@ -497,8 +492,8 @@ def finish(t: Trainee, cfg: FitConfig, device: torch.device, phases: list[dict[s
 
 def tensor_meta(model: Classifier, cfg: FitConfig, classes: list[str]) -> dict[str, Any]:
     """What base/adapter.safetensors carry beside the tensors: norms, classes, method, preprocessing."""
-    norms = norm_module_names(model, strategy_options(cfg))
-    return {"norms": norms, "classes": classes, "method": cfg.method, "data_config": model.backbone.data_config}
+    norms = norm_module_names(model, cfg.method.strategy)
+    return {"norms": norms, "classes": classes, "method": cfg.method.name, "data_config": model.backbone.data_config}
 
 
 def write_outcome(
@@ -516,7 +511,7 @@ def write_outcome(
 ) -> None:
     """A trained model's adapter, shift and phase history; then its metrics and DONE.
 
-    With a final lambda (`cfg.final_lambda`) the run stays open after the phase history, checkpoint
+    With a final lambda (`cfg.method.final_lambda`) the run stays open after the phase history, checkpoint
     included: the rescaled model is what gets scored, and an interrupted rescale resumes from here.
     """
     adapter = snapshot(model, names)
@@ -524,7 +519,7 @@ def write_outcome(
     if norms:
         rd.write_json(run / rd.SHIFT, layer_shift(base, adapter, norms).to_dict())
     rd.write_json(run / rd.CYCLES, {"phases": phases, "budget": budget_record(cfg, phases)})
-    if cfg.final_lambda:
+    if cfg.method.final_lambda:
         return
     metrics = evaluate_all(model, data.val, data.tests, len(data.classes), cfg, device)
     rd.write_json(run / rd.METRICS, metrics)
@@ -541,8 +536,8 @@ def close_run(run: rd.RunDir, log: rd.EventLog) -> None:
 def budget_record(cfg: FitConfig, phases: list[dict[str, Any]]) -> dict[str, Any]:
     """cycles.json's budget: the --steps / --epochs budget in steps, how the method spent it, the steps trained."""
     steps = sum(p["steps"] for p in phases)
-    factor = budget_factor(cfg.method, cfg.cycles)
-    return {"rule": budget_rule(cfg.method), "budget_steps": steps // factor, "factor": factor, "steps": steps}
+    factor = budget_factor(cfg.method.name, cfg.method.cycles)
+    return {"rule": budget_rule(cfg.method.name), "budget_steps": steps // factor, "factor": factor, "steps": steps}
 
 
 def apply_lambda(
@@ -558,13 +553,15 @@ def apply_lambda(
         data.val,
         len(data.classes),
         device,
-        grid=parse_grid(cfg.lambda_grid),
-        target=cfg.lambda_target,
-        batch_size=cfg.eval_batch_size,
-        precision=cfg.precision,
+        grid=parse_grid(cfg.method.lambda_grid),
+        target=cfg.method.lambda_target,
+        batch_size=cfg.runtime.eval_batch_size,
+        precision=cfg.optim.precision,
     )
-    lam = lambda_record(curve, cfg.lam, rd.RunDir(cfg.out))["lambda"]  # no 'fsr' between cycles: nothing is read
-    restore(model, rescale(base, tuned, norms, lam, cfg.lambda_target))
+    lam = lambda_record(curve, cfg.method.lam, rd.RunDir(cfg.runtime.out))[
+        "lambda"
+    ]  # no 'fsr' between cycles: nothing is read
+    restore(model, rescale(base, tuned, norms, lam, cfg.method.lambda_target))
     return lam
 
 
@@ -577,7 +574,9 @@ def evaluate_all(
     device: torch.device,
 ) -> dict[str, Any]:
     """metrics.json content: the validation split and every named test set."""
-    ev = partial(evaluate, num_classes=num_classes, device=device, precision=cfg.precision, progress=cfg.progress)
+    ev = partial(
+        evaluate, num_classes=num_classes, device=device, precision=cfg.optim.precision, progress=cfg.runtime.progress
+    )
     return {
         "val": ev(model, loader(val, cfg, train=False), desc="val"),
         "test": {k: ev(model, loader(ds, cfg, train=False), desc=f"test:{k}") for k, ds in tests.items()},

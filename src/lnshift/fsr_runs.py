@@ -16,7 +16,6 @@ is read back from the sub-runs' directories is read by rank 0 and sent to the ot
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -60,23 +59,22 @@ def sub_run(
         if echo:
             echo(f"{what}: finished before, reused")
         return run
-    sub = dataclasses.replace(
-        cfg,
+    sub = cfg.replace(
         lam=None,
         lambda_each_cycle=False,
         search={},  # the parent's chosen values, not its grid
         select="last",  # exactly the parent's budget: no earlier epoch kept (docs/fsr.md)
         subset=fraction,
         subset_seed=seed,
-        steps=steps // budget_factor(cfg.method, cfg.cycles),  # the budget giving each phase the parent's steps
+        steps=steps // budget_factor(cfg.method.name, cfg.method.cycles),  # each phase the parent's steps
         test={},
         out=str(out),
         resume=started,
         overwrite=False,
     )
     if echo:
-        echo(f"{what}: tuning, {sub.steps} steps")
-    with dist.process_group(resolve_device(sub.device)) as device:  # under torchrun, the parent's group
+        echo(f"{what}: tuning, {sub.optim.steps} steps")
+    with dist.process_group(resolve_device(sub.runtime.device)) as device:  # under torchrun, the parent's group
         return train_run(sub, device, None)
 
 
@@ -85,7 +83,9 @@ def estimate_fsr(
 ) -> dict[str, Any]:
     """FSR_est for the gamma and beta shifts of a run with `n_train` samples and shift `full_shift`."""
     points = [{"fraction": 1.0, "seed": None, "n": n_train, **_shift_sums(full_shift)}]
-    todo = [(fraction, seed) for fraction in parse_fractions(cfg.fsr_subsets) for seed in range(cfg.fsr_seeds)]
+    todo = [
+        (fraction, seed) for fraction in parse_fractions(cfg.method.fsr_subsets) for seed in range(cfg.method.fsr_seeds)
+    ]
     for k, (fraction, seed) in enumerate(todo, 1):
         run = sub_run(cfg, root, fraction, seed, steps, echo, f"{k}/{len(todo)}")
         points.append({"fraction": fraction, "seed": seed, **dist.from_main(partial(_point, run))})

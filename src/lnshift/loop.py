@@ -151,13 +151,13 @@ def param_groups(
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int, cfg: FitConfig, step: int = 0) -> CosineLRScheduler:
-    """Linear warm-up over `cfg.warmup` of the phase's steps, then cosine to 1 % of the peak; set to `step`."""
+    """Linear warm-up over `cfg.optim.warmup` of the phase's steps, then cosine to 1 % of the peak; set to `step`."""
     scheduler = CosineLRScheduler(
         optimizer,
         t_initial=steps,
-        warmup_t=int(cfg.warmup * steps),
-        warmup_lr_init=cfg.lr * 0.01,
-        lr_min=cfg.lr * 0.01,
+        warmup_t=int(cfg.optim.warmup * steps),
+        warmup_lr_init=cfg.optim.lr * 0.01,
+        lr_min=cfg.optim.lr * 0.01,
         t_in_epochs=False,
     )
     scheduler.step_update(step)
@@ -228,27 +228,29 @@ def run_phase(
     """Train one phase to its step budget; `state` continues an interrupted phase."""
     state = state or PhaseState()
     params = set_trainable(model, plan.trainable)
-    optimizer = torch.optim.AdamW(param_groups(model, plan.trainable, cfg.weight_decay, cfg.decay_1d), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, plan.trainable, cfg.optim.weight_decay, cfg.optim.decay_1d), lr=cfg.optim.lr
+    )
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
     scheduler = cosine_schedule(optimizer, plan.steps, cfg, state.step)
     net = dist.wrap(model, device)  # after set_trainable: DDP reduces exactly this phase's tensors
-    step_forward = torch.compile(net) if cfg.compile else net  # shares the parameters; validation stays eager
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
+    step_forward = torch.compile(net) if cfg.runtime.compile else net  # shares the parameters; validation stays eager
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing, reduction="sum")
     n_train = sum(p.numel() for p in params)
     log.info(
         f"phase {plan.phase.name} ({plan.phase.strategy}): {plan.steps} steps, {n_train:,} trainable values, "
-        f"decay on 1-D parameters: {'yes' if cfg.decay_1d else 'no'}"
+        f"decay on 1-D parameters: {'yes' if cfg.optim.decay_1d else 'no'}"
     )
     model.train()
     while state.step < plan.steps:
-        seed = epoch_seed(cfg.seed, plan.index, state.epoch)
+        seed = epoch_seed(cfg.optim.seed, plan.index, state.epoch)
         generator = torch.Generator().manual_seed(seed)
         seed_everything(seed)  # timm's crops draw from `random`
         first_step, losses = state.step, []
         desc = f"{plan.phase.name} epoch {state.epoch + 1}"
-        for x, y in batches(train_loader(generator), device, desc, cfg.progress):
-            losses.append(train_step(step_forward, x, y, optimizer, loss_fn, device, cfg.precision))
+        for x, y in batches(train_loader(generator), device, desc, cfg.runtime.progress):
+            losses.append(train_step(step_forward, x, y, optimizer, loss_fn, device, cfg.optim.precision))
             state.step += 1
             scheduler.step_update(state.step)
             if state.step >= plan.steps:
@@ -281,13 +283,13 @@ def run_phase(
             f"val acc {val['accuracy']:.4f}, val loss {val['loss']:.4f}"
         )
         score = (val["accuracy"], -val["loss"] if math.isfinite(val["loss"]) else -math.inf)
-        if cfg.select == "last" or state.best_score is None or score > state.best_score:
+        if cfg.optim.select == "last" or state.best_score is None or score > state.best_score:
             state.best_score, state.best_epoch = score, state.epoch
             state.best_tensors = snapshot(model, plan.trainable)
         state.optimizer = optimizer.state_dict()
         save_checkpoint(state)
     if state.best_tensors is not None:
         restore(model, state.best_tensors)
-    how = "selected on validation" if cfg.select == "best" else "the last one, --select last"
+    how = "selected on validation" if cfg.optim.select == "best" else "the last one, --select last"
     log.info(f"phase {plan.phase.name}: kept epoch {state.best_epoch} ({how})")
     return state

@@ -69,14 +69,14 @@ Batches = Callable[[int], Sequence[tuple[Tensor, Tensor]]]
 
 def batched_plans(model: Classifier, cfg: FitConfig) -> list[PhasePlan]:
     """fit's phases and budget split, for a method whose phases train only heads and LayerNorms."""
-    if cfg.steps is None:
+    if cfg.optim.steps is None:
         raise ConfigError("batched runs need a fixed step budget: set steps")
-    if cfg.lambda_each_cycle:
+    if cfg.method.lambda_each_cycle:
         raise ConfigError("batched runs do not rescale between cycles (lambda_each_cycle)")
-    plans = plan_phases(model, cfg, cfg.steps)
+    plans = plan_phases(model, cfg, cfg.optim.steps)
     other = sorted({p.phase.strategy for p in plans} - set(BATCHABLE))
     if other:
-        raise ConfigError(f"method {cfg.method} trains {other}; batched runs train only {list(BATCHABLE)}")
+        raise ConfigError(f"method {cfg.method.name} trains {other}; batched runs train only {list(BATCHABLE)}")
     return plans
 
 
@@ -90,9 +90,11 @@ def initial_states(
 ) -> list[dict[str, Tensor]]:
     """Each run's starting tensors as fit() initialises a run with that seed: the backbone's norms, a seeded head."""
     states = []
-    shortest = replace(cfg, steps=len(phases_for(cfg.method, cfg.cycles)))  # the tensors do not depend on the budget
+    shortest = cfg.replace(
+        steps=len(phases_for(cfg.method.name, cfg.method.cycles))
+    )  # the tensors do not depend on the budget
     for seed in seeds:
-        model = build_model(replace(cfg, seed=seed), backbone, num_classes)
+        model = build_model(cfg.replace(seed=seed), backbone, num_classes)
         states.append(snapshot(model, trained_names(batched_plans(model, shortest))))
     return states
 
@@ -151,10 +153,10 @@ def train_runs(
     device: torch.device,
     lrs: Sequence[float] | None = None,
 ) -> list[dict[str, Tensor]]:
-    """Train len(starts) runs of `cfg.method` together for `cfg.steps` steps; returns each run's trained tensors.
+    """Train len(starts) runs of `cfg.method.name` together for `cfg.optim.steps` steps; returns their trained tensors.
 
     `starts[r]` holds run r's initial values (see `initial_states`), `batch(step)` its batches, `lrs[r]`
-    its peak learning rate (default: all `cfg.lr`; a learning-rate grid trains in one pass). The result
+    its peak learning rate (default: all `cfg.optim.lr`; a learning-rate grid trains in one pass). The result
     has fit's adapter names; a run that diverged has non-finite values (`diverged`) and harms no other
     run. Other optimiser settings come from `cfg` (weight_decay, decay_1d, warmup, label_smoothing,
     precision); the model's own tensors are frozen and left unchanged.
@@ -162,7 +164,7 @@ def train_runs(
     plans = batched_plans(model, cfg)
     names = trained_names(plans)
     n = len(starts)
-    lrs = [cfg.lr] * n if lrs is None else list(lrs)
+    lrs = [cfg.optim.lr] * n if lrs is None else list(lrs)
     if len(lrs) != n:
         raise ConfigError(f"train_runs: {len(lrs)} learning rates for {n} runs")
     # runs of one learning rate share an optimiser and schedule; their stacks are joined for each forward
@@ -179,7 +181,7 @@ def train_runs(
 
     join()
     set_trainable(model, [])
-    ce = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
+    ce = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing, reduction="sum")
 
     def loss_fn(logits: Tensor, y: Tensor) -> Tensor:
         # train_step divides by the n * B samples: n * sum / (n * B) is the sum of the runs' mean
@@ -194,15 +196,17 @@ def train_runs(
             for lr, params in zip(groups, own, strict=True):
                 for k, p in params.items():
                     p.requires_grad_(k in plan.trainable)
-                groups_ = param_groups(params, plan.trainable, cfg.weight_decay, cfg.decay_1d, run_axis=True)
+                groups_ = param_groups(
+                    params, plan.trainable, cfg.optim.weight_decay, cfg.optim.decay_1d, run_axis=True
+                )
                 optimizers.append(torch.optim.AdamW(groups_, lr=lr))
-                schedulers.append(cosine_schedule(optimizers[-1], plan.steps, replace(cfg, lr=lr)))
+                schedulers.append(cosine_schedule(optimizers[-1], plan.steps, cfg.replace(lr=lr)))
             together = _Optimizers(optimizers)
             for i in range(plan.steps):
                 pairs = batch(step)
                 join()
                 x, y = concat([pairs[r] for r in order], n, device)
-                train_step(model, x, y, together, loss_fn, device, cfg.precision)
+                train_step(model, x, y, together, loss_fn, device, cfg.optim.precision)
                 step += 1
                 for scheduler in schedulers:
                     scheduler.step_update(i + 1)
@@ -278,7 +282,7 @@ def train_alone(
     names = trained_names(plans)
     kept = snapshot(model, names)
     restore(model, start)
-    quiet = replace(cfg, select="last", progress=False)
+    quiet = cfg.replace(select="last", progress=False)
     step = 0
     for plan in plans:
 
@@ -312,22 +316,24 @@ def fit_batched(cfgs: Sequence[FitConfig], device: torch.device, *, score_tests:
     first = cfgs[0]
     _check_batchable(cfgs)
     backbone = load_configured_backbone(first, device, training=True)
-    other_seeds = sorted({cfg.seed for cfg in cfgs} - {first.seed})
-    if other_seeds and _depends_on_seed(backbone, replace(first, seed=other_seeds[0])):
+    other_seeds = sorted({cfg.optim.seed for cfg in cfgs} - {first.optim.seed})
+    if other_seeds and _depends_on_seed(backbone, first.replace(seed=other_seeds[0])):
         # a randomly initialised backbone differs per seed: only runs of one seed can share it
-        seeds = sorted({c.seed for c in cfgs})
-        by_seed = [fit_batched([c for c in cfgs if c.seed == s], device, score_tests=score_tests) for s in seeds]
+        seeds = sorted({c.optim.seed for c in cfgs})
+        by_seed = [fit_batched([c for c in cfgs if c.optim.seed == s], device, score_tests=score_tests) for s in seeds]
         done = {run.path: run for runs in by_seed for run in runs}
-        return [done[rd.RunDir(cfg.out).path] for cfg in cfgs]
+        return [done[rd.RunDir(cfg.runtime.out).path] for cfg in cfgs]
     config = backbone.data_config
     datas = _shared_data(cfgs, config, score_tests)
     classes = datas[0].classes
     for cfg, data in zip(cfgs, datas, strict=True):
         if data.classes != classes:
-            raise ConfigError(f"{cfg.out}: its classes differ from {first.out}'s; they cannot be batched")
+            raise ConfigError(
+                f"{cfg.runtime.out}: its classes differ from {first.runtime.out}'s; they cannot be batched"
+            )
         if len(data.train) == 0:
-            raise ConfigError(f"{cfg.out}: the training split is empty")
-    starts = initial_states(first, backbone, len(classes), [cfg.seed for cfg in cfgs])
+            raise ConfigError(f"{cfg.runtime.out}: the training split is empty")
+    starts = initial_states(first, backbone, len(classes), [cfg.optim.seed for cfg in cfgs])
     model = build_model(first, backbone, len(classes)).to(device)
     loaded: dict[int, Data] = {}  # runs that share their data (a learning-rate grid) share its images
     for d, cfg in zip(datas, cfgs, strict=True):
@@ -336,12 +342,12 @@ def fit_batched(cfgs: Sequence[FitConfig], device: torch.device, *, score_tests:
     datas = [loaded[id(d)] for d in datas]
     lengths = [run_length(cfg, data.train) for cfg, data in zip(cfgs, datas, strict=True)]
     passes = runs_by_length(lengths)
-    budgets = {n: replace(first, steps=n) for n in passes}  # fit's budgets as step counts
+    budgets = {n: first.replace(steps=n) for n in passes}  # fit's budgets as step counts
     plans = {n: batched_plans(model, budget) for n, budget in budgets.items()}
     tuned: dict[int, dict[str, Tensor]] = {}
     for n, group in passes.items():
         order = _fit_order([datas[r].train for r in group], [cfgs[r] for r in group], plans[n])
-        lrs = [cfgs[r].lr for r in group]
+        lrs = [cfgs[r].optim.lr for r in group]
         states = train_runs(model, [starts[r] for r in group], order, budgets[n], device, lrs)
         tuned.update(zip(group, states, strict=True))
     names = trained_names(plans[lengths[0]])
@@ -353,11 +359,14 @@ def fit_batched(cfgs: Sequence[FitConfig], device: torch.device, *, score_tests:
     norms = [m for m in meta["norms"] if f"{m}.weight" in names]
     runs = []
     for r, (cfg, data, start) in enumerate(zip(cfgs, datas, starts, strict=True)):
-        run = rd.RunDir(cfg.out)
+        run = rd.RunDir(cfg.runtime.out)
         run.prepare(resume=False, overwrite=True)  # an unfinished earlier attempt is trained again
         log = rd.EventLog(run, None)
         log.event("start", resume=False)
-        batched = {"with": [cfgs[q].out for q in passes[lengths[r]]], "how": BATCHED_HOW}  # its pass, itself too
+        batched = {
+            "with": [cfgs[q].runtime.out for q in passes[lengths[r]]],
+            "how": BATCHED_HOW,
+        }  # its pass, itself too
         config = {"fit": cfg.to_dict(), "environment": environment(), "batched": batched}
         rd.write_yaml(run / rd.CONFIG, {**config, "resolved": resolved(backbone, "device")})
         rd.write_json(run / rd.SPLITS, data.splits)
@@ -365,7 +374,8 @@ def fit_batched(cfgs: Sequence[FitConfig], device: torch.device, *, score_tests:
         log.info(f"trained in one batched pass with {len(batched['with']) - 1} other run(s): {BATCHED_HOW}")
         runs.append(run)
         if diverged([tuned[r]]):  # no DONE: a search records it as failed, a plain sweep cell trains it again
-            error = f"NonFiniteLossError: diverged to non-finite values at lr {cfg.lr:g} (lower --lr or check the data)"
+            lr = cfg.optim.lr
+            error = f"NonFiniteLossError: diverged to non-finite values at lr {lr:g} (lower --lr or check the data)"
             rd.write_text(run / rd.FAILED, error + "\n")
             log.info(error)
             continue
@@ -388,7 +398,7 @@ def _shared_data(cfgs: Sequence[FitConfig], data_config: dict, score_tests: bool
     by_key: dict[str, Data] = {}
     datas = []
     for cfg in cfgs:
-        key = json.dumps({k: v for k, v in cfg.to_dict().items() if k not in ("lr", "out")}, sort_keys=True)
+        key = json.dumps({k: v for k, v in cfg.options().items() if k not in ("lr", "out")}, sort_keys=True)
         if key not in by_key:
             data = prepare_data(cfg, data_config)
             by_key[key] = data if score_tests else replace(data, tests={})
@@ -403,19 +413,19 @@ def _depends_on_seed(backbone: nn.Module, other: FitConfig) -> bool:
 
 
 def _check_batchable(cfgs: Sequence[FitConfig]) -> None:
-    first = cfgs[0].to_dict()
+    first = cfgs[0].options()
     for cfg in cfgs:
-        differ = sorted(k for k, v in cfg.to_dict().items() if k not in BATCHED_ALLOWED and v != first[k])
+        differ = sorted(k for k, v in cfg.options().items() if k not in BATCHED_ALLOWED and v != first[k])
         if differ:
             raise ConfigError(
-                f"batched runs may differ only in {sorted(BATCHED_ALLOWED)}; {cfg.out} differs in {differ}"
+                f"batched runs may differ only in {sorted(BATCHED_ALLOWED)}; {cfg.runtime.out} differs in {differ}"
             )
     cfg = cfgs[0]
-    if cfg.select != "last":
+    if cfg.optim.select != "last":
         raise ConfigError("batched runs keep their last state: set select: last")
-    if cfg.lam is not None:
+    if cfg.method.lam is not None:
         raise ConfigError("batched runs are trained without --lambda; rescale them afterwards (lnshift rescale)")
-    if cfg.augment == "strong" or cfg.input_pipeline == "workers":
+    if cfg.data.augment == "strong" or cfg.data.input_pipeline == "workers":
         raise ConfigError(
             "batched runs use the device input pipeline: set input_pipeline: device or auto (and no augment: strong)"
         )
@@ -427,7 +437,7 @@ def _fit_order(trains: Sequence[DeviceImages], cfgs: Sequence[FitConfig], plans:
     Runs on the same images with the same seed (a learning-rate grid) get the same batches: each is drawn once.
     """
     starts = [sum(p.steps for p in plans[:i]) for i in range(len(plans))]
-    keys = [(id(x), cfg.seed) for x, cfg in zip(trains, cfgs, strict=True)]
+    keys = [(id(x), cfg.optim.seed) for x, cfg in zip(trains, cfgs, strict=True)]
     first = {key: r for r, key in reversed(list(enumerate(keys)))}  # a run that draws each distinct stream
     streams: dict[tuple[int, int], Iterator[tuple[Tensor, Tensor]]] = {}
 
@@ -445,7 +455,7 @@ def _phase_stream(images: DeviceImages, cfg: FitConfig, phase: int) -> Iterator[
     """Endless full batches of one run in one phase, epoch after epoch, each seeded as fit seeds it."""
     epoch = 0
     while True:
-        generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, phase, epoch))
+        generator = torch.Generator().manual_seed(epoch_seed(cfg.optim.seed, phase, epoch))
         samples = epoch_samples(images, cfg)
-        yield from DeviceBatches(images, cfg.batch_size, train=True, num_samples=samples, generator=generator)
+        yield from DeviceBatches(images, cfg.optim.batch_size, train=True, num_samples=samples, generator=generator)
         epoch += 1

@@ -8,12 +8,15 @@ A phase names the strategy whose tensors train and its share of the epoch budget
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from .errors import ConfigError
 
+# the methods; `--method` takes its choices from this type (config.MethodConfig)
+Method = Literal["lp", "ln", "full", "bitfit", "lora", "lp-ln", "cyclic", "cyclic-kx"]
+METHODS: tuple[str, ...] = get_args(Method)
 SINGLE_PHASE = {"lp": "head", "ln": "ln", "full": "full", "bitfit": "bitfit", "lora": "lora"}
 CYCLIC = ("cyclic", "cyclic-kx")  # [head], [layernorm], K times; they differ only in the budget
-METHODS = (*SINGLE_PHASE, "lp-ln", *CYCLIC)
 # how the cyclic methods spend the --steps / --epochs budget: the label in help texts, reports and docs
 BUDGETS = {
     "cyclic": "K cycles sharing the budget (equal optimiser steps with every other method)",

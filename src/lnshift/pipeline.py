@@ -25,14 +25,14 @@ from .search import fit_search
 def fit(cfg: FitConfig, echo: Callable[[str], None] | None = print) -> rd.RunDir:
     """Train one run as configured, apply its final lambda, and write its run directory; returns it.
 
-    With a grid (`cfg.search`, or `--lr A,B,C` / `auto`) every candidate trains under OUT/search/ and the
+    With a grid (`cfg.optim.search`, or `--lr A,B,C` / `auto`) every candidate trains under OUT/search/ and the
     one with the best validation metric becomes the run (search.py). Under torchrun every process calls
     it, and together they train (and rescale) one data-parallel run (distributed.py). An interrupted run
-    resumes with `cfg.resume`, its final lambda and FSR estimate included.
+    resumes with `cfg.runtime.resume`, its final lambda and FSR estimate included.
     """
-    with dist.process_group(resolve_device(cfg.device)) as device:
-        run = fit_search(cfg, device, echo) if cfg.search else train_run(cfg, device, echo)
-        if cfg.final_lambda:
+    with dist.process_group(resolve_device(cfg.runtime.device)) as device:
+        run = fit_search(cfg, device, echo) if cfg.optim.search else train_run(cfg, device, echo)
+        if cfg.method.final_lambda:
             rescale_trained(run, cfg, device, echo)
         return run
 
@@ -43,17 +43,17 @@ def rescale_trained(run: rd.RunDir, cfg: FitConfig, device: torch.device, echo: 
     The validation grid is scored for any lambda, so lambda.json shows where a given or FSR lambda lies.
     """
     log = rd.EventLog(run, echo)
-    if cfg.lam == "fsr":
+    if cfg.method.lam == "fsr":
         estimate_fsr_of_run(run.path, echo=log.info)
     choice = rescale_run(
         run.path,
-        cfg.lam,
-        target=cfg.lambda_target,
+        cfg.method.lam,
+        target=cfg.method.lambda_target,
         score_grid=True,
         device=str(device),
-        progress=cfg.progress,
+        progress=cfg.runtime.progress,
         finish=False,
     )
-    log.info(f"lambda {choice['lambda']:g} ({cfg.lam}) on {cfg.lambda_target}")
+    log.info(f"lambda {choice['lambda']:g} ({cfg.method.lam}) on {cfg.method.lambda_target}")
     log.info("metrics: " + summarize(choice["metrics"]))
     close_run(run, log)

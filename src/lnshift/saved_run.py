@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,7 @@ def load_run(path: str | Path, device: str = "cpu") -> SavedRun:
     if unknown:
         raise RunDirError(f"{run / rd.ADAPTER}: tensors not in the rebuilt model: {unknown[:5]}")
     restore(model, adapter)
-    if cfg.frozen_dtype == "bf16" and uses_bf16(dev, cfg.precision):  # as it was trained and evaluated
+    if cfg.optim.frozen_dtype == "bf16" and uses_bf16(dev, cfg.optim.precision):  # as it was trained and evaluated
         store_frozen(model, list(adapter), torch.bfloat16)
     model.eval().to(dev)
     return SavedRun(run, cfg, model, meta["classes"], meta["norms"], base, adapter, meta)
@@ -89,7 +89,7 @@ def evaluate_run(
             loader(ds, cfg, train=False),
             len(saved.classes),
             dev,
-            cfg.precision,
+            cfg.optim.precision,
             f"test:{name}",
             progress,
         )
@@ -132,9 +132,9 @@ def merge_run(path: str | Path, out: str | Path) -> Path:
     meta: dict[str, Any] = {
         "lnshift.data_config": model.backbone.data_config,
         "lnshift.classes": saved.classes,
-        "lnshift.model": saved.cfg.model,
-        "lnshift.model_kwargs": saved.cfg.model_kwargs,
-        "lnshift.head": saved.cfg.head,
+        "lnshift.model": saved.cfg.model.name,
+        "lnshift.model_kwargs": saved.cfg.model.kwargs,
+        "lnshift.head": saved.cfg.method.head,
         "lnshift.run": str(saved.run.path),
     }
     backbone = model.backbone
@@ -182,7 +182,9 @@ def shift_of_run(path: str | Path, write: bool = True) -> ShiftReport:
     saved = load_run(path)
     norms = trained_norms(saved)
     if not norms:
-        raise RunDirError(f"{saved.run.path}: method {saved.cfg.method!r} tuned no LayerNorm, so there is no shift")
+        raise RunDirError(
+            f"{saved.run.path}: method {saved.cfg.method.name!r} tuned no LayerNorm, so there is no shift"
+        )
     report = layer_shift(saved.base, saved.adapter, norms)
     if write:
         rd.write_json(saved.run / rd.SHIFT, report.to_dict())
@@ -214,7 +216,7 @@ def rescale_run(
     saved = load_run(path, device)
     norms = trained_norms(saved)
     if not norms:
-        raise RunDirError(f"{saved.run.path}: method {saved.cfg.method!r} tuned no LayerNorm; nothing to rescale")
+        raise RunDirError(f"{saved.run.path}: method {saved.cfg.method.name!r} tuned no LayerNorm; nothing to rescale")
     finetuned = finetuned_tensors(saved)
     model, dev = saved.model, next(saved.model.parameters()).device
     restore(model, finetuned)
@@ -230,10 +232,10 @@ def rescale_run(
             datasets["val"],
             n_classes,
             dev,
-            grid=parse_grid(grid or saved.cfg.lambda_grid),
+            grid=parse_grid(grid or saved.cfg.method.lambda_grid),
             target=target,
-            batch_size=saved.cfg.eval_batch_size,
-            precision=saved.cfg.precision,
+            batch_size=saved.cfg.runtime.eval_batch_size,
+            precision=saved.cfg.optim.precision,
             progress=progress,
         )
     record = dist.from_main(lambda: lambda_record(curve, lam, saved.run, target))  # 'fsr' reads fsr_estimate.json
@@ -252,7 +254,7 @@ def rescale_run(
     rd.write_json(dest / rd.SHIFT, layer_shift(saved.base, adapter, norms).to_dict())
     cfg = saved.cfg
     tests = {name.removeprefix("test:"): ds for name, ds in datasets.items() if name.startswith("test:")}
-    metrics = evaluate_all(model, datasets["val"], tests, n_classes, replace(cfg, progress=progress), dev)
+    metrics = evaluate_all(model, datasets["val"], tests, n_classes, cfg.replace(progress=progress), dev)
     rd.write_json(dest / rd.METRICS, metrics)
     if finish:
         dest.mark_done()
@@ -286,7 +288,7 @@ def estimate_fsr_of_run(path: str | Path, echo: Callable[[str], None] | None = p
     saved = load_run(path)
     norms = trained_norms(saved)
     if not norms:
-        raise RunDirError(f"{saved.run.path}: method {saved.cfg.method!r} tuned no LayerNorm; FSR is undefined")
+        raise RunDirError(f"{saved.run.path}: method {saved.cfg.method.name!r} tuned no LayerNorm; FSR is undefined")
     shift = layer_shift(saved.base, finetuned_tensors(saved), norms).to_dict()
     n_train, steps = dist.from_main(
         lambda: (len(saved.run.read_json(rd.SPLITS)["splits"]["train"]["indices"]), run_budget(saved.run)["steps"])

@@ -14,7 +14,6 @@ ones are not tried again.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import math
@@ -56,12 +55,11 @@ def label(values: dict[str, Any]) -> str:
 def candidate_config(cfg: FitConfig, values: dict[str, Any]) -> FitConfig:
     """The plain run a candidate is: the grid's values set, no grid, its own folder, and no lambda at the
     end (the chosen run gets it); lambda between cycles shapes training, so it stays."""
-    return dataclasses.replace(
-        cfg,
+    return cfg.replace(
         **values,
         search={},
-        out=str(Path(cfg.out) / SEARCH_DIR / label(values)),
-        lam=cfg.lam if cfg.lambda_each_cycle else None,
+        out=str(Path(cfg.runtime.out) / SEARCH_DIR / label(values)),
+        lam=cfg.method.lam if cfg.method.lambda_each_cycle else None,
         resume=False,
         overwrite=False,
     )
@@ -70,8 +68,8 @@ def candidate_config(cfg: FitConfig, values: dict[str, Any]) -> FitConfig:
 def pending_candidates(cfg: FitConfig) -> list[FitConfig]:
     """The candidates of a search still to train: neither finished nor failed (for a batched pass; the search
     itself then finds them done and finishes the chosen one)."""
-    todo = [candidate_config(cfg, values) for values in candidates(cfg.search)]
-    return [c for c in todo if not rd.RunDir(c.out).done and not (Path(c.out) / rd.FAILED).exists()]
+    todo = [candidate_config(cfg, values) for values in candidates(cfg.optim.search)]
+    return [c for c in todo if not rd.RunDir(c.runtime.out).done and not (Path(c.runtime.out) / rd.FAILED).exists()]
 
 
 def best(records: list[dict[str, Any]], metric: str) -> int | None:
@@ -91,9 +89,9 @@ def at_edge(grid: dict[str, list], chosen: dict[str, Any]) -> list[str]:
 
 
 def fit_search(cfg: FitConfig, device: torch.device, echo: Callable[[str], None] | None) -> rd.RunDir:
-    """Train every candidate of `cfg.search`, keep the best on validation, finish OUT as its plain run."""
+    """Train every candidate of `cfg.optim.search`, keep the best on validation, finish OUT as its plain run."""
     run, log = start_run(cfg, echo)
-    grid, metric = cfg.search, cfg.select_metric
+    grid, metric = cfg.optim.search, cfg.optim.select_metric
     combos = candidates(grid)
     log.info(f"search: {len(combos)} candidates of {grid}, selected on validation {metric}")
     records = []
@@ -107,7 +105,7 @@ def fit_search(cfg: FitConfig, device: torch.device, echo: Callable[[str], None]
     if k is None:
         failures = "; ".join(f"{r['label']}: {r.get('error', 'no finite ' + metric)}" for r in records)
         raise SearchError(f"{run.path}: all {len(records)} candidates of the search failed ({failures})")
-    chosen = dataclasses.replace(cfg, **combos[k])
+    chosen = cfg.replace(**combos[k])
     _write(run, cfg, records, k)
     if dist.is_main():
         rd.write_yaml(
@@ -130,7 +128,7 @@ def fit_search(cfg: FitConfig, device: torch.device, echo: Callable[[str], None]
 
 def promote(cfg: FitConfig, candidate: rd.RunDir, run: rd.RunDir, log: rd.EventLog, device: torch.device) -> None:
     """Finish `run` as training with the chosen values finishes, from the candidate's trained tensors."""
-    seed_everything(cfg.seed)
+    seed_everything(cfg.optim.seed)
     trainee = build(cfg, device, run, log)
     tensors = dist.from_main(lambda: candidate.read_tensors(rd.ADAPTER)[0])
     restore(trainee.model, tensors)
@@ -140,7 +138,7 @@ def promote(cfg: FitConfig, candidate: rd.RunDir, run: rd.RunDir, log: rd.EventL
 
 def _run_candidate(cfg: FitConfig, values: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Train (or reuse, or resume) one candidate; its record for search.json."""
-    cand = rd.RunDir(cfg.out)
+    cand = rd.RunDir(cfg.runtime.out)
     record: dict[str, Any] = {"values": values, "label": label(values), "run": f"{SEARCH_DIR}/{label(values)}"}
     start = time.time()
     done, failed, started = dist.from_main(
@@ -151,7 +149,7 @@ def _run_candidate(cfg: FitConfig, values: dict[str, Any], device: torch.device)
         return {**record, "status": "failed", "error": error, "wall_s": 0.0}
     if not done:
         try:
-            train_run(dataclasses.replace(cfg, resume=started), device, None, score_tests=False)
+            train_run(cfg.replace(resume=started), device, None, score_tests=False)
         except CANDIDATE_FAILURES as e:
             error = f"{type(e).__name__}: {e}"
             if dist.is_main():
@@ -173,12 +171,12 @@ def _write(run: rd.RunDir, cfg: FitConfig, records: list[dict[str, Any]], chosen
     if not dist.is_main():
         return
     result: dict[str, Any] = {
-        "metric": cfg.select_metric,
+        "metric": cfg.optim.select_metric,
         "selected_on": "validation",
-        "grid": cfg.search,
+        "grid": cfg.optim.search,
         "candidates": records,
         "chosen": None if chosen is None else records[chosen]["values"],
     }
     if chosen is not None:
-        result["at_edge"] = at_edge(cfg.search, records[chosen]["values"])
+        result["at_edge"] = at_edge(cfg.optim.search, records[chosen]["values"])
     rd.write_json(run / SEARCH_JSON, result)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from . import rundir as rd
-from .config import SEARCHABLE, FitConfig, environment, load_yaml
+from .config import ALIASES, SEARCHABLE, FitConfig, environment, flat_options, load_yaml, unknown_options
 from .errors import ConfigError, RunDirError
 from .evaluate import resolve_device
 from .fit import changed_options
@@ -40,10 +40,7 @@ from .workers import WorkerPool, worker_count
 TOP_KEYS = ("out", "base", "datasets", "methods", "regimes", "seeds")
 OPTIONAL_KEYS = ("search",)
 # options each cell sets itself; a sweep file may not fix them in `base:` or a dataset
-SWEPT = (
-    "method", "fraction", "shots", "seed", "out", "resume", "overwrite", "lam", "lambda", "subset", "subset_seed",
-    "search",
-)  # fmt: skip
+SWEPT = ("method", "fraction", "shots", "seed", "out", "resume", "overwrite", "lam", "subset", "subset_seed", "search")
 RESCALES = ("auto", "fsr")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 IDENTITY = ("id", "dataset", "method", "regime", "fraction", "shots", "seed", "run")
@@ -190,7 +187,7 @@ def load_sweep(path: str | Path) -> Sweep:
                 raise fail(f"datasets.{name}", str(e)) from None
             try:
                 if cell.rescale:
-                    dataclasses.replace(cfg, lam=cell.rescale)
+                    cfg.replace(lam=cell.rescale)
             except ConfigError as e:
                 raise fail("methods", f"{method!r}: {e}") from None
     return sweep
@@ -212,17 +209,19 @@ def _search(value: Any, fail: Callable[[str, str], ConfigError]) -> dict[str, An
 def _options(opts: Any, key: str, fail: Callable[[str, str], ConfigError]) -> dict[str, Any]:
     if not isinstance(opts, dict):
         raise fail(key, f"expected a mapping of fit options, got {opts!r}")
-    known = {f.name for f in dataclasses.fields(FitConfig)}
-    for name in opts:
+    unknown = unknown_options(opts)
+    if unknown:
+        raise fail(f"{key}.{unknown[0]}", "not a fit option (see `lnshift fit --help`, with underscores)")
+    options = flat_options(opts, key)  # flat, or by section as in a run's config.yaml
+    for name in options:
+        shown = next((k for k in opts if ALIASES.get(k, k) == name), name)  # `lambda` as written
         if name == "search":
             raise fail(f"{key}.search", "grids go in the sweep's top-level `search:` (for every method or per method)")
         if name in SWEPT:
-            raise fail(f"{key}.{name}", "is set per cell by the sweep (methods, regimes, seeds, out)")
+            raise fail(f"{key}.{shown}", "is set per cell by the sweep (methods, regimes, seeds, out)")
         if name == "devices":
             raise fail(f"{key}.devices", "a sweep trains each cell on one GPU; use `lnshift sweep --devices N`")
-        if name not in known:
-            raise fail(f"{key}.{name}", "not a fit option (see `lnshift fit --help`, with underscores)")
-    return dict(opts)
+    return options
 
 
 def _unique_list(value: Any, key: str, fail: Callable[[str, str], ConfigError]) -> list:
@@ -364,7 +363,7 @@ def _run_sweep(
     for cell in todo:
         units.setdefault(cell.unit, []).append(cell)
     jobs = [
-        Job(f"[{k}/{len(units)}]", unit, members, len(candidates(sweep.fit_config(members[0]).search)))
+        Job(f"[{k}/{len(units)}]", unit, members, len(candidates(sweep.fit_config(members[0]).optim.search)))
         for k, (unit, members) in enumerate(units.items(), 1)
     ]
     failed_batches: dict[str, str] = {}
@@ -420,7 +419,7 @@ def _train_batched(sweep: Sweep, jobs: list[Job], echo: Callable[[str], None]) -
         if not cfgs:
             continue
         try:
-            fit_batched(cfgs, resolve_device(cfgs[0].device), score_tests=not sweep.search_for(method))
+            fit_batched(cfgs, resolve_device(cfgs[0].runtime.device), score_tests=not sweep.search_for(method))
         except ConfigError:
             raise  # the sweep file asks for what batched runs cannot do: say so before anything else runs
         except Exception as e:
@@ -433,7 +432,7 @@ def _train_batched(sweep: Sweep, jobs: list[Job], echo: Callable[[str], None]) -
 
 def _to_train(cfg: FitConfig) -> list[FitConfig]:
     """What a batched pass trains for a unit: its run, or the pending candidates of its search."""
-    return pending_candidates(cfg) if cfg.search else [cfg]
+    return pending_candidates(cfg) if cfg.optim.search else [cfg]
 
 
 def heaviest_first(jobs: list[Job]) -> list[Job]:
@@ -462,7 +461,7 @@ def _run_unit(sweep: Sweep, unit: str, first: Cell, pending: list[Cell], echo: C
         resume = trained.path.is_dir() and any(trained.path.iterdir())
         if resume:
             echo(f"  resuming {trained.path}")
-        fit(dataclasses.replace(cfg, resume=resume), echo=None)
+        fit(cfg.replace(resume=resume), echo=None)
     for cell in pending:
         if cell.rescale is None:
             continue
@@ -471,7 +470,7 @@ def _run_unit(sweep: Sweep, unit: str, first: Cell, pending: list[Cell], echo: C
         dest = sweep.run_dir(cell.id)
         if dest.exists():  # an interrupted rescale: cheap to redo, and rescale_run never writes into a used folder
             shutil.rmtree(dest)
-        rescale_run(trained.path, cell.rescale, target=cfg.lambda_target, out=dest, device=cfg.device)
+        rescale_run(trained.path, cell.rescale, target=cfg.method.lambda_target, out=dest, device=cfg.runtime.device)
 
 
 def _check_config(run: rd.RunDir, cfg: FitConfig) -> None:
@@ -589,8 +588,8 @@ def _shift(trained: rd.RunDir) -> dict[str, Any]:
 def _chosen(trained: rd.RunDir) -> dict[str, Any]:
     """The learning rate a run trained with and, after a search, each searched option's grid and whether the
     chosen value sits at its edge."""
-    fit = trained.read_config()["fit"]
-    row: dict[str, Any] = {"lr": fit["lr"]}
+    saved = FitConfig.from_dict(trained.read_config()["fit"], str(trained / rd.CONFIG))
+    row: dict[str, Any] = {"lr": saved.optim.lr}
     if (trained / SEARCH_JSON).exists():
         result = trained.read_json(SEARCH_JSON)
         for option, grid in result["grid"].items():

@@ -1,7 +1,7 @@
 """Fast paths: exact rewrites of a loaded backbone that pay on CUDA GPUs, behind one switch.
 
 As timm keeps its fused-attention switch in `timm.layers.config`, lnshift keeps these here, named in
-`config.FAST_PATHS` and chosen by `--fast-paths` (`FitConfig.fast_paths`):
+`config.FAST_PATHS` and chosen by `--fast-paths` (`FitConfig.runtime.fast_paths`):
 - `patch_matmul`: the patch-embedding conv as one matrix product (patch_matmul.py);
 - `table_gelu`: the exact GELU of bf16 activations by table lookup, Triton kernels on CUDA (gelu_table.py);
 - `class_token`: timm ViTs with class-token pooling compute q, k and v as three products and the last

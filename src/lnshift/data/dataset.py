@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from PIL import Image
 from timm.data import create_transform
 
+from lnshift.config.sections import Augment
 from lnshift.data.sources import ImageSource
 from lnshift.errors import ConfigError, DataError
 
-AUGMENTS = ("default", "none", "strong")
+AUGMENTS: tuple[str, ...] = get_args(Augment)  # the choices of --augment
 # timm's RandomResizedCrop default (0.08, 1) keeps as little as a 9x9 patch of a 32x32 CIFAR
 # image, which is mostly upsampling blur once resized to 224; a quarter of the image at least
 # keeps the object recognisable for small sources and is still a real crop for large ones.

@@ -15,6 +15,7 @@ from typing import Any
 from safetensors import safe_open
 
 from .. import rundir as rd
+from ..config import DataConfig, FitConfig
 from ..phases import BUDGETS, CYCLIC
 from . import figures as F
 from .html import Figures, Section, key_values, note, num, pct, table, warning
@@ -69,36 +70,42 @@ def event_times(run: rd.RunDir) -> tuple[int, float] | None:
     return sum(e["event"] == "epoch" for e in events), max(times) - min(times)
 
 
-def regime_text(fit: dict) -> str:
-    if fit.get("shots") is not None:
-        return f"{fit['shots']} shots per class"
-    if fit.get("fraction") is not None:
-        return f"{100 * fit['fraction']:g}% of the training split (stratified)"
+def saved_config(run: rd.RunDir, config: dict) -> FitConfig:
+    """The run's options from its config.yaml: by section, or flat as runs before the sections wrote them."""
+    return FitConfig.from_dict(config.get("fit", {}), str(run / rd.CONFIG))
+
+
+def regime_text(data: DataConfig) -> str:
+    if data.shots is not None:
+        return f"{data.shots} shots per class"
+    if data.fraction is not None:
+        return f"{100 * data.fraction:g}% of the training split (stratified)"
     return "all training data"
 
 
 def summary_section(run: rd.RunDir, config: dict, splits: dict | None) -> Section:
-    fit, env = config.get("fit", {}), config.get("environment", {})
+    cfg, env = saved_config(run, config), config.get("environment", {})
     parts = []
     if not run.done:
         parts.append(warning("This run has no DONE marker: it did not finish, and some sections may be missing."))
-    model = fit.get("model", "?") + (f" (weights {fit['weights']})" if fit.get("weights") else "")
-    if fit.get("model_kwargs"):
-        model += f" {fit['model_kwargs']}"
-    rows: list[tuple[str, object]] = [("model", model), ("training data", fit.get("train"))]
+    model = cfg.model.name + (f" (weights {cfg.model.weights})" if cfg.model.weights else "")
+    if cfg.model.kwargs:
+        model += f" {cfg.model.kwargs}"
+    rows: list[tuple[str, object]] = [("model", model), ("training data", cfg.data.train)]
     if splits:
         sizes = ", ".join(f"{name} {len(s['indices'])}" for name, s in splits["splits"].items())
         rows += [("classes", f"{len(splits['classes'])}: {', '.join(splits['classes'])}"), ("split sizes", sizes)]
-    tests = ", ".join(f"{k} = {v}" for k, v in (fit.get("test") or {}).items())
-    rows += [("test sets", tests or "none"), ("regime", regime_text(fit))]
-    method = fit.get("method", "?")
+    tests = ", ".join(f"{k} = {v}" for k, v in (cfg.data.test or {}).items())
+    rows += [("test sets", tests or "none"), ("regime", regime_text(cfg.data))]
+    method = cfg.method.name
     if method in CYCLIC:
-        method += f" (K = {fit['cycles']}: {BUDGETS[method]})"
-    rows.append(("method", f"{method}, {fit.get('head', 'linear')} head"))
-    if fit.get("lam") is not None:
-        rows.append(("lambda", f"{fit['lam']} on {fit.get('lambda_target', 'gamma')}"))
-    budget = f"{fit['steps']} steps" if fit.get("steps") is not None else f"{fit.get('epochs')} epochs"
-    rows.append(("schedule", f"{budget}, batch {fit.get('batch_size')}, lr {fit.get('lr')}, seed {fit.get('seed')}"))
+        method += f" (K = {cfg.method.cycles}: {BUDGETS[method]})"
+    rows.append(("method", f"{method}, {cfg.method.head} head"))
+    if cfg.method.lam is not None:
+        rows.append(("lambda", f"{cfg.method.lam} on {cfg.method.lambda_target}"))
+    optim = cfg.optim
+    budget = f"{optim.steps} steps" if optim.steps is not None else f"{optim.epochs} epochs"
+    rows.append(("schedule", f"{budget}, batch {optim.batch_size}, lr {optim.lr}, seed {optim.seed}"))
     counts = trainable_counts(run)
     if counts is not None:
         detail = ", ".join(f"{k} {v:,}" for k, v in counts.items() if v)
@@ -262,7 +269,7 @@ def run_sections(path: Path, figs: Figures) -> tuple[str, str, list[Section]]:
     run = rd.RunDir(path)
     run.require(rd.CONFIG)
     config = run.read_config()
-    fit = config.get("fit", {})
+    cfg = saved_config(run, config)
     sections = [
         summary_section(run, config, _json(run, rd.SPLITS)),
         metrics_section(_json(run, rd.METRICS)),
@@ -271,5 +278,5 @@ def run_sections(path: Path, figs: Figures) -> tuple[str, str, list[Section]]:
         cycles_section(_json(run, rd.CYCLES), figs),
         fsr_section(_json(run, rd.FSR), _json(run, rd.FSR_ESTIMATE), figs),
     ]
-    title = f"lnshift run: {fit.get('method', '?')} on {fit.get('model', '?')}"
+    title = f"lnshift run: {cfg.method.name} on {cfg.model.name}"
     return title, str(path.resolve()), sections

@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
-
-@dataclass(frozen=True)
-class StrategyOptions:
-    """Options some strategies read; the rest ignore them."""
-
-    include_rms: bool = False
-    include_layerscale: bool = False
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
+from ..config import StrategyOptions  # the options strategies read: a part of a run's method section
 
 
 class Strategy:
