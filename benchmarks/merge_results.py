@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lnshift import rundir as rd
 from lnshift.config import environment
-from lnshift.sweep import SWEEP_COPY, cells, load_sweep, write_tables
+from lnshift.experiments.sweep import SWEEP_COPY, cells, load_sweep, write_tables
 
 
 def main() -> None:

@@ -49,17 +49,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from lnshift.analyses.lambdas import DEFAULT_GRID, choose
+from lnshift.analyses.shift import rescale
 from lnshift.backbones import load_backbone, resolve_fast_paths
 from lnshift.config import FitConfig, environment
 from lnshift.data import open_source
-from lnshift.evaluate import autocast, resolve_device
-from lnshift.fit import build_model
-from lnshift.lambdas import DEFAULT_GRID, choose
-from lnshift.loop import restore, set_trainable
-from lnshift.multirun import initial_states, norms_of, run_logits, runs_by_length, train_alone, train_runs
-from lnshift.phases import phases_for
 from lnshift.rundir import write_json
-from lnshift.shift import rescale
+from lnshift.training.evaluate import autocast, resolve_device
+from lnshift.training.fit import build_model
+from lnshift.training.loop import restore, set_trainable
+from lnshift.training.multirun import initial_states, norms_of, run_logits, runs_by_length, train_alone, train_runs
+from lnshift.training.phases import phases_for
 
 FRACTIONS = "0.25,0.5,0.75,1"
 SEEDS = (0, 1, 2)

@@ -60,11 +60,11 @@ from lnshift.backbones import load_backbone
 from lnshift.config import FAST_PATHS, environment
 from lnshift.data import ImageDataset, open_source
 from lnshift.data.device import DeviceBatches, DeviceImages, to_device
-from lnshift.evaluate import autocast
-from lnshift.heads import Classifier, build_head
-from lnshift.loop import param_groups, set_trainable, store_frozen, train_step
 from lnshift.rundir import write_json
 from lnshift.strategies import StrategyOptions, get_strategy
+from lnshift.training.evaluate import autocast
+from lnshift.training.heads import Classifier, build_head
+from lnshift.training.loop import param_groups, set_trainable, store_frozen, train_step
 
 NUM_CLASSES = 100
 PROFILED_STEPS = 3

@@ -11,9 +11,9 @@ import torch
 
 import lnshift
 from lnshift import rundir as rd
+from lnshift.analyses.saved_run import evaluate_run, load_run, rescale_run, shift_of_run
 from lnshift.errors import ConfigError, RunDirError
 from lnshift.report import write_report
-from lnshift.saved_run import evaluate_run, load_run, rescale_run, shift_of_run
 
 TINY = {
     "model": "lnshift/test-vit",
@@ -44,7 +44,7 @@ def test_help_lists_the_api_and_import_stays_light():
 
 
 def test_fit_stays_the_module_and_fit_run_the_function():
-    import lnshift.fit as fit_module  # the submodule, imported first, does not hide the API function
+    import lnshift.training.fit as fit_module  # the submodule, imported first, does not hide the API function
 
     assert inspect.ismodule(fit_module) and inspect.isfunction(lnshift.fit_run)
     with pytest.raises(AttributeError):

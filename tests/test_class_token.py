@@ -10,9 +10,9 @@ import torch
 
 from lnshift.backbones import Backbone, load_backbone
 from lnshift.backbones.timm_backbone import attention, class_token_features
-from lnshift.heads import Classifier, build_head
-from lnshift.loop import set_trainable
 from lnshift.strategies import StrategyOptions, get_strategy
+from lnshift.training.heads import Classifier, build_head
+from lnshift.training.loop import set_trainable
 
 TINY = {"img_size": 32, "patch_size": 8}
 

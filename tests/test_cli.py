@@ -11,16 +11,16 @@ import yaml
 from safetensors.torch import load_file
 
 from lnshift import rundir as rd
+from lnshift.analyses.saved_run import load_run
 from lnshift.backbones import load_backbone
 from lnshift.cli import main
 from lnshift.config import FitConfig
 from lnshift.data import ImageDataset, make_transform, open_source
 from lnshift.data.builtin import resolve_spec
 from lnshift.data.device import to_device
-from lnshift.evaluate import predict, resolve_device
-from lnshift.fit import loader
-from lnshift.phases import BUDGETS
-from lnshift.saved_run import load_run
+from lnshift.training.evaluate import predict, resolve_device
+from lnshift.training.fit import loader
+from lnshift.training.phases import BUDGETS
 from tiny import TINY
 
 DATA = ["--shots", "4", "--test", "photo=builtin:pacs-mini/photo-test", "--test", "sketch=builtin:pacs-mini/sketch"]
@@ -125,7 +125,7 @@ def test_existing_run_is_refused_with_a_clear_error(ln_run, capsys):
 @pytest.mark.parametrize("fast_paths", ["auto", "all"])
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch, fast_paths):
     """Also with other fast paths on resume (runtime options: they change float rounding only)."""
-    import lnshift.loop as loop
+    import lnshift.training.loop as loop
 
     assert fit(tmp_path / "whole", "--method", "lp-ln") == 0
     calls = {"n": 0}
@@ -137,10 +137,10 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("lnshift.fit.run_phase", interrupted)
+    monkeypatch.setattr("lnshift.training.fit.run_phase", interrupted)
     assert fit(tmp_path / "cut", "--method", "lp-ln") == 130
     assert not (tmp_path / "cut" / rd.DONE).exists()
-    monkeypatch.setattr("lnshift.fit.run_phase", real)
+    monkeypatch.setattr("lnshift.training.fit.run_phase", real)
     assert fit(tmp_path / "cut", "--method", "lp-ln", "--resume", "--fast-paths", fast_paths) == 0
     a, b = load_file(tmp_path / "whole" / rd.ADAPTER), load_file(tmp_path / "cut" / rd.ADAPTER)
     assert a.keys() == b.keys()
@@ -225,7 +225,7 @@ def test_rescale_identities_and_reversibility(ln_run, tmp_path):
 
 
 def test_rescale_auto_selects_on_validation_only(ln_run, tmp_path, monkeypatch):
-    import lnshift.saved_run as sr
+    import lnshift.analyses.saved_run as sr
 
     seen = []
     real = sr.select_lambda
@@ -242,7 +242,7 @@ def test_rescale_auto_selects_on_validation_only(ln_run, tmp_path, monkeypatch):
 
 
 def test_rescale_by_a_given_lambda_scores_no_grid_unless_asked(ln_run, tmp_path, monkeypatch, capsys):
-    import lnshift.saved_run as sr
+    import lnshift.analyses.saved_run as sr
 
     calls = []
     real = sr.select_lambda

@@ -21,7 +21,7 @@ from lnshift.config import (
 )
 from lnshift.config.sections import Augment, Head, field_types
 from lnshift.errors import ConfigError, RunDirError
-from lnshift.fit import check_resume
+from lnshift.training.fit import check_resume
 from tiny import TINY
 
 # options off their defaults in every section, the strategies' too
@@ -198,8 +198,8 @@ def test_a_closed_choice_rejects_other_values_naming_the_option(capsys):
 
 def test_closed_choices_are_the_librarys_names():
     from lnshift.data import AUGMENTS
-    from lnshift.heads import HEADS
-    from lnshift.phases import phases_for
+    from lnshift.training.heads import HEADS
+    from lnshift.training.phases import phases_for
 
     assert set(get_args(Head)) == set(HEADS) and get_args(OPTIONS["select_metric"].type) == tuple(SELECT_METRICS)
     assert all(phases_for(method) for method in get_args(OPTIONS["method"].type))
@@ -301,10 +301,10 @@ def test_a_run_saved_before_newer_options_compares_as_it_behaved(tmp_path):
 def test_a_run_written_before_sections_loads_resumes_and_reports(tmp_path, monkeypatch):
     """An interrupted run whose config.yaml has the flat `fit:` of earlier versions: --resume compares it and
     finishes the run; saved_run, the sweep's results and the report read it."""
-    import lnshift.loop as loop
+    import lnshift.training.loop as loop
+    from lnshift.analyses.saved_run import load_run
+    from lnshift.experiments.sweep import _chosen
     from lnshift.report import write_report
-    from lnshift.saved_run import load_run
-    from lnshift.sweep import _chosen
 
     old = yaml.safe_load(BEFORE_SECTIONS)
     assert FitConfig.from_dict(old) == parse(["--out", "runs/old", *OLD_ARGS])
@@ -316,11 +316,11 @@ def test_a_run_written_before_sections_loads_resumes_and_reports(tmp_path, monke
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("lnshift.fit.run_phase", interrupted)
+    monkeypatch.setattr("lnshift.training.fit.run_phase", interrupted)
     assert main(["fit", "--out", str(out), *OLD_ARGS]) == 130
     config = rd.RunDir(out).read_config()
     rd.write_yaml(out / rd.CONFIG, {**config, "fit": {**old, "out": str(out)}})  # as an older version wrote it
-    monkeypatch.setattr("lnshift.fit.run_phase", real)
+    monkeypatch.setattr("lnshift.training.fit.run_phase", real)
     assert main(["fit", "--out", str(out), *OLD_ARGS, "--lr", "0.1", "--resume"]) == 2  # another lr: refused
     assert main(["fit", "--out", str(out), *OLD_ARGS, "--resume", "--device", "cpu", "--eval-batch-size", "64"]) == 0
     assert rd.RunDir(out).done
@@ -334,7 +334,7 @@ def test_a_run_written_before_sections_loads_resumes_and_reports(tmp_path, monke
 
 
 def test_lora_dropout_reaches_peft_and_config_yaml(tmp_path):
-    from lnshift.saved_run import load_run
+    from lnshift.analyses.saved_run import load_run
 
     out = tmp_path / "lora"
     data = ["--shots", "2", "--steps", "1", "--batch-size", "4", "--test", "a=builtin:pacs-mini/sketch"]

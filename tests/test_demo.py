@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from lnshift import demo
 from lnshift import rundir as rd
 from lnshift.errors import ConfigError
+from lnshift.experiments import demo
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ from lnshift.cli import main
 from lnshift.data import ImageDataset, make_transform, open_source
 from lnshift.data import device as dd
 from lnshift.data.builtin import resolve_spec
-from lnshift.distributed import shard_bounds
 from lnshift.errors import ConfigError
+from lnshift.training.distributed import shard_bounds
 from tiny import TINY, max_diff
 
 CONFIG = {
@@ -170,7 +170,7 @@ def test_device_pipeline_trains_like_the_workers_pipeline(tmp_path, device):
 
 
 def test_device_pipeline_with_crops_resumes_bit_identically(tmp_path, monkeypatch, device):
-    import lnshift.loop as loop
+    import lnshift.training.loop as loop
 
     args = [*TINY, *DATA, "--device", device, "--input-pipeline", "device", "--method", "lp-ln"]
     assert main(["fit", "--out", str(tmp_path / "whole"), *args]) == 0
@@ -183,9 +183,9 @@ def test_device_pipeline_with_crops_resumes_bit_identically(tmp_path, monkeypatc
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr("lnshift.fit.run_phase", interrupted)
+    monkeypatch.setattr("lnshift.training.fit.run_phase", interrupted)
     assert main(["fit", "--out", str(tmp_path / "cut"), *args]) == 130
-    monkeypatch.setattr("lnshift.fit.run_phase", real)
+    monkeypatch.setattr("lnshift.training.fit.run_phase", real)
     assert main(["fit", "--out", str(tmp_path / "cut"), *args, "--resume"]) == 0
     a, b = load_file(tmp_path / "whole" / rd.ADAPTER), load_file(tmp_path / "cut" / rd.ADAPTER)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -221,9 +221,9 @@ def _fit(out, *extra):
 
 def test_frozen_weights_in_bf16_train_and_reload(tmp_path, device):
     """--frozen-dtype bf16: frozen weights stored in bf16, trained tensors float32, the saved run reloads as trained."""
-    from lnshift.evaluate import evaluate
-    from lnshift.fit import loader, prepare_data
-    from lnshift.saved_run import load_run
+    from lnshift.analyses.saved_run import load_run
+    from lnshift.training.evaluate import evaluate
+    from lnshift.training.fit import loader, prepare_data
 
     args = ["--device", device, "--precision", "bf16", "--frozen-dtype", "bf16", "--input-pipeline", "device"]
     out = _fit(tmp_path / "bf16", *args)
@@ -266,7 +266,7 @@ def test_auto_pipeline_uses_the_device_when_the_images_fit_its_share_of_free_mem
     from types import SimpleNamespace
 
     from lnshift.config import FitConfig
-    from lnshift.fit import DEVICE_DATA_SHARE_ENV, input_pipeline
+    from lnshift.training.fit import DEVICE_DATA_SHARE_ENV, input_pipeline
 
     data = SimpleNamespace(named=lambda: {"train": [0] * 10})  # 10 x 3 x 64 x 64 = 122,880 bytes to hold
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (200_000, 10**9))
@@ -279,10 +279,10 @@ def test_auto_pipeline_uses_the_device_when_the_images_fit_its_share_of_free_mem
 
 def test_a_global_batch_smaller_than_the_process_count_is_refused(monkeypatch):
     from lnshift.config import FitConfig
-    from lnshift.fit import loader
+    from lnshift.training.fit import loader
 
     images = dd.DeviceImages(torch.zeros(8, 3, 64, 64, dtype=torch.uint8), torch.arange(8), CONFIG, crops=True)
-    monkeypatch.setattr("lnshift.fit.dist.world", lambda: 4)
+    monkeypatch.setattr("lnshift.training.fit.dist.world", lambda: 4)
     with pytest.raises(ConfigError, match="--batch-size 2 is smaller than the 4 data-parallel processes"):
         loader(images, FitConfig.from_dict({"batch_size": 2}), train=True)
     cfg = FitConfig.from_dict({"batch_size": 4, "min_epoch_steps": 1})  # 8 images: an epoch of 2 batches of 4

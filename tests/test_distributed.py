@@ -14,12 +14,12 @@ import yaml
 from safetensors.torch import load_file
 from torch.utils.data import BatchSampler, RandomSampler
 
-from lnshift import distributed as dist
 from lnshift import rundir as rd
-from lnshift import sweep as sw
-from lnshift import workers
 from lnshift.cli import main
 from lnshift.errors import ConfigError, RunDirError
+from lnshift.experiments import sweep as sw
+from lnshift.experiments import workers
+from lnshift.training import distributed as dist
 from tiny import TINY
 
 

@@ -95,7 +95,7 @@ def test_nan_loss_stops_and_names_the_step(folder, capsys, monkeypatch):
         def forward(self, logits, target):
             return super().forward(logits, target) * float("nan")
 
-    monkeypatch.setattr("lnshift.loop.nn.CrossEntropyLoss", NanLoss)
+    monkeypatch.setattr("lnshift.training.loop.nn.CrossEntropyLoss", NanLoss)
     assert fit(folder) == 2
     err = error_of(capsys)
     assert "nan" in err and "step 1" in err

@@ -9,9 +9,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from lnshift import rundir as rd
+from lnshift.analyses.export import INFO, base_timm_model
+from lnshift.analyses.saved_run import load_run
 from lnshift.cli import main
-from lnshift.export import INFO, base_timm_model
-from lnshift.saved_run import load_run
 from tiny import TINY, same_outputs
 
 

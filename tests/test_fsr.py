@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
+from lnshift.analyses.fsr import extrapolate_shift, lambda_from_fsr, oracle_fsr
+from lnshift.analyses.shift import LayerShift, ShiftReport
 from lnshift.errors import ConfigError
-from lnshift.fsr import extrapolate_shift, lambda_from_fsr, oracle_fsr
-from lnshift.shift import LayerShift, ShiftReport
 
 
 def _report(gammas: list[float], betas: list[float], names: tuple[str, ...] = ("a", "b")) -> ShiftReport:

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from lnshift import rundir as rd
+from lnshift.analyses.saved_run import estimate_fsr_of_run, fsr_of_run
 from lnshift.config import FitConfig
 from lnshift.pipeline import fit
-from lnshift.saved_run import estimate_fsr_of_run, fsr_of_run
 
 PACS = Path(__file__).resolve().parents[2] / "shared" / "data" / "pacs.zip"
 pytestmark = pytest.mark.skipif(not PACS.is_file(), reason=f"real data not found at {PACS}")

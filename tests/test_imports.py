@@ -90,11 +90,11 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_graph_sees_lazy_and_relative_imports():
     graph = import_graph()
-    assert "lnshift.rundir" in graph["lnshift.fit"]  # `from . import rundir as rd`
-    assert "lnshift.data" in graph["lnshift.fit"] and "lnshift.data.device" in graph["lnshift.fit"]
-    assert "lnshift.sweep" in graph["lnshift.cli"]  # imported inside cmd_sweep
-    assert "lnshift.report.stats" in graph["lnshift.sweep"]  # inside summarize
-    assert "lnshift.report" in graph["lnshift.sweep"]  # the package's __init__ runs first
+    assert "lnshift.rundir" in graph["lnshift.training.fit"]  # `from . import rundir as rd`
+    assert "lnshift.data" in graph["lnshift.training.fit"] and "lnshift.data.device" in graph["lnshift.training.fit"]
+    assert "lnshift.experiments.sweep" in graph["lnshift.cli"]  # imported inside cmd_sweep
+    assert "lnshift.report.stats" in graph["lnshift.experiments.sweep"]  # inside summarize
+    assert "lnshift.report" in graph["lnshift.experiments.sweep"]  # the package's __init__ runs first
     run_report = graph["lnshift.report.run_report"]  # `from . import figures as F`, `from .. import rundir as rd`
     assert {"lnshift.report.figures", "lnshift.rundir"} <= run_report and not {"lnshift", "lnshift.report"} & run_report
 
@@ -112,4 +112,7 @@ def test_no_import_circle_among_lnshift_modules():
 def test_training_does_not_import_the_fsr_runner():
     """The FSR estimate trains sub-runs through training (fsr_runs -> fit), never the other way round."""
     graph = import_graph()
-    assert "lnshift.fsr_runs" not in graph["lnshift.fit"] and "lnshift.fit" in graph["lnshift.fsr_runs"]
+    assert (
+        "lnshift.analyses.fsr_runs" not in graph["lnshift.training.fit"]
+        and "lnshift.training.fit" in graph["lnshift.analyses.fsr_runs"]
+    )

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from lnshift.metrics import classification_metrics, expected_calibration_error
+from lnshift.training.metrics import classification_metrics, expected_calibration_error
 
 RNG = np.random.default_rng(0)
 LOGITS = RNG.normal(size=(200, 4))

@@ -8,11 +8,11 @@ import yaml
 from safetensors.torch import load_file
 
 from lnshift.backbones import load_backbone
-from lnshift.blockwise import batched_layernorms
 from lnshift.config import FitConfig
 from lnshift.errors import ConfigError, ModelError
-from lnshift.fit import build_model
-from lnshift.multirun import diverged, initial_states, run_logits, train_alone, train_runs
+from lnshift.training.blockwise import batched_layernorms
+from lnshift.training.fit import build_model
+from lnshift.training.multirun import diverged, initial_states, run_logits, train_alone, train_runs
 from tiny import max_diff
 
 TINY = {"img_size": 32, "patch_size": 8}
@@ -175,7 +175,7 @@ def test_refuses_what_it_cannot_batch(backbone, change, message):
 
 
 def batched_sweep(tmp_path, methods, name="s", device="cpu"):
-    from lnshift import sweep as sw
+    from lnshift.experiments import sweep as sw
 
     data = {
         "out": str(tmp_path / name),
@@ -202,10 +202,10 @@ def batched_sweep(tmp_path, methods, name="s", device="cpu"):
 
 def test_sweep_batched_writes_every_run_directory_and_the_table(tmp_path, device):
     from lnshift import rundir as rd
-    from lnshift import sweep as sw
-    from lnshift.evaluate import evaluate
-    from lnshift.fit import loader, prepare_data
-    from lnshift.saved_run import load_run
+    from lnshift.analyses.saved_run import load_run
+    from lnshift.experiments import sweep as sw
+    from lnshift.training.evaluate import evaluate
+    from lnshift.training.fit import loader, prepare_data
 
     sweep = batched_sweep(tmp_path, ["lp", "ln", "ln+auto", "cyclic"], device=device)
     sw.run_sweep(sweep, echo=lambda _: None, batched=True)
@@ -229,8 +229,8 @@ def test_sweep_batched_writes_every_run_directory_and_the_table(tmp_path, device
 def test_sweep_searches_learning_rates_in_the_batched_pass(tmp_path, device, monkeypatch):
     """Every candidate of every cell trains in the batched pass; each cell's run is its chosen candidate."""
     from lnshift import rundir as rd
-    from lnshift import search
-    from lnshift import sweep as sw
+    from lnshift.experiments import sweep as sw
+    from lnshift.training import search
 
     sweep = batched_sweep(tmp_path, ["lp", "ln", "ln+auto"], device=device)
     sweep.search.update({"lr": [0.01, 0.1], "lp": {"lr": [0.03]}})
@@ -264,9 +264,9 @@ def test_sweep_searches_learning_rates_in_the_batched_pass(tmp_path, device, mon
 
 def test_learning_rate_candidates_in_one_pass_are_the_runs_fit_makes(tmp_path, device):
     """Candidates share their data and batches; each is still the run `fit` makes at its learning rate."""
-    from lnshift import sweep as sw
-    from lnshift.multirun import fit_batched
+    from lnshift.experiments import sweep as sw
     from lnshift.pipeline import fit
+    from lnshift.training.multirun import fit_batched
 
     sweep = batched_sweep(tmp_path, ["ln"], device=device)
     cell = sw.cells(sweep)[0]
@@ -281,11 +281,11 @@ def test_learning_rate_candidates_in_one_pass_are_the_runs_fit_makes(tmp_path, d
 
 
 def test_a_candidate_that_diverges_in_the_batched_pass_is_a_failed_candidate(tmp_path, monkeypatch):
-    from lnshift import multirun
     from lnshift import rundir as rd
-    from lnshift import sweep as sw
+    from lnshift.experiments import sweep as sw
     from lnshift.pipeline import fit
-    from lnshift.search import SEARCH_JSON, candidate_config, candidates
+    from lnshift.training import multirun
+    from lnshift.training.search import SEARCH_JSON, candidate_config, candidates
 
     real = multirun.train_runs
 
@@ -303,15 +303,18 @@ def test_a_candidate_that_diverges_in_the_batched_pass_is_a_failed_candidate(tmp
         [candidate_config(cfg, v) for v in candidates(cfg.optim.search)], CPU, score_tests=False
     )
     assert [r.done for r in runs] == [True, False] and "NonFiniteLossError" in (runs[1] / rd.FAILED).read_text()
-    monkeypatch.setattr("lnshift.search.train_run", lambda *a, **k: pytest.fail("a candidate was trained again"))
+    monkeypatch.setattr(
+        "lnshift.training.search.train_run",
+        lambda *a, **k: pytest.fail("a candidate was trained again"),
+    )
     fit(cfg.replace(resume=True), echo=None)  # as the sweep finishes a cell whose candidates are trained
     result = json.loads((tmp_path / "s" / "runs" / sw.cells(sweep)[0].unit / SEARCH_JSON).read_text())
     assert [c["status"] for c in result["candidates"]] == ["done", "failed"] and result["chosen"] == {"lr": 0.01}
 
 
 def test_a_run_trained_with_others_equals_it_trained_alone(tmp_path, device):
-    from lnshift import sweep as sw
-    from lnshift.multirun import fit_batched
+    from lnshift.experiments import sweep as sw
+    from lnshift.training.multirun import fit_batched
 
     sweep = batched_sweep(tmp_path, ["ln"], device=device)
     cfgs = [sweep.fit_config(c) for c in sw.cells(sweep)]
@@ -327,8 +330,8 @@ def test_a_run_trained_with_others_equals_it_trained_alone(tmp_path, device):
     [({"select": "best"}, "select: last"), ({"input_pipeline": "workers"}, "device input pipeline")],
 )
 def test_batched_runs_refuse_what_fit_would_do_otherwise(tmp_path, change, message):
-    from lnshift import sweep as sw
-    from lnshift.multirun import fit_batched
+    from lnshift.experiments import sweep as sw
+    from lnshift.training.multirun import fit_batched
 
     sweep = batched_sweep(tmp_path, ["ln"])
     cfgs = [sweep.fit_config(c).replace(**change) for c in sw.cells(sweep)]
@@ -342,9 +345,9 @@ def test_batched_runs_refuse_what_fit_would_do_otherwise(tmp_path, change, messa
 def test_a_batched_run_is_the_run_fit_makes(tmp_path, method, options, device):
     """Same splits, batches, phases and optimiser steps as `lnshift fit --select last`: the same tensors and metrics."""
     from lnshift import rundir as rd
-    from lnshift import sweep as sw
-    from lnshift.multirun import fit_batched
+    from lnshift.experiments import sweep as sw
     from lnshift.pipeline import fit
+    from lnshift.training.multirun import fit_batched
 
     sweep = batched_sweep(tmp_path, [method], device=device)
     cfgs = [sweep.fit_config(c).replace(**options) for c in sw.cells(sweep) if c.seed == 0]  # both regimes
@@ -370,9 +373,9 @@ def test_a_batched_run_is_the_run_fit_makes(tmp_path, method, options, device):
 def test_runs_with_an_epoch_budget_are_batched_by_length_and_equal_fit(tmp_path, device):
     """With `epochs`, 2 shots and the full split make runs of different lengths: each is still fit's run."""
     from lnshift import rundir as rd
-    from lnshift import sweep as sw
-    from lnshift.multirun import fit_batched
+    from lnshift.experiments import sweep as sw
     from lnshift.pipeline import fit
+    from lnshift.training.multirun import fit_batched
 
     sweep = batched_sweep(tmp_path, ["cyclic"], device=device)
     cfgs = [

@@ -4,7 +4,7 @@ import pytest
 
 from lnshift.config import FitConfig
 from lnshift.errors import ConfigError
-from lnshift.phases import (
+from lnshift.training.phases import (
     BUDGETS,
     DEFAULT_LR,
     LR_GRID,
@@ -50,10 +50,10 @@ def test_phase_steps_share_the_budget_except_cyclic_kx(method, cycles, steps):
 
 def test_fsr_sub_runs_of_cyclic_kx_train_the_runs_steps_per_phase(monkeypatch, tmp_path):
     """estimate_fsr is given the run's total steps; a sub-run's budget must give each phase what the run's had."""
-    from lnshift.fsr_runs import sub_run
+    from lnshift.analyses.fsr_runs import sub_run
 
     seen = []
-    monkeypatch.setattr("lnshift.fsr_runs.train_run", lambda cfg, device, echo: seen.append(cfg))
+    monkeypatch.setattr("lnshift.analyses.fsr_runs.train_run", lambda cfg, device, echo: seen.append(cfg))
     for method in ("cyclic", "cyclic-kx"):
         cfg = FitConfig.from_dict({"method": method, "cycles": 2, "steps": 12})
         total = sum(phase_steps(method, 2, 12))

@@ -19,13 +19,13 @@ from safetensors.torch import load_file
 from scipy import stats
 
 from lnshift import rundir as rd
+from lnshift.analyses.saved_run import fsr_of_run
 from lnshift.cli import main
-from lnshift.phases import BUDGETS
 from lnshift.report import FIGURES, REPORT, report_main, write_report
 from lnshift.report.figures import block_grid
 from lnshift.report.html import DISPLAY_SCALE
 from lnshift.report.stats import bootstrap_ci, mean_std, paired_compare
-from lnshift.saved_run import fsr_of_run
+from lnshift.training.phases import BUDGETS
 from tiny import TINY as TINY_BASE
 
 TINY = [*TINY_BASE, "--shots", "2"]

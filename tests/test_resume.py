@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lnshift import fit as fit_module
 from lnshift import pipeline
 from lnshift import rundir as rd
 from lnshift.config import FitConfig
-from lnshift.fit import load_resume_state, save_resume_state
-from lnshift.loop import PhaseState
+from lnshift.training import fit as fit_module
+from lnshift.training.fit import load_resume_state, save_resume_state
+from lnshift.training.loop import PhaseState
 from tiny import TINY
 
 ARGS = [*TINY, "--shots", "6", "--batch-size", "6", "--epochs", "6", "--method", "lp-ln"]

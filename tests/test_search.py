@@ -6,14 +6,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lnshift import fit as fit_module
-from lnshift import pipeline, saved_run
+from lnshift import pipeline
 from lnshift import rundir as rd
+from lnshift.analyses import saved_run
 from lnshift.cli import main
 from lnshift.config import FitConfig
 from lnshift.errors import ConfigError
-from lnshift.loop import NonFiniteLossError
-from lnshift.search import SEARCH_JSON, SearchError, best
+from lnshift.training import fit as fit_module
+from lnshift.training.loop import NonFiniteLossError
+from lnshift.training.search import SEARCH_JSON, SearchError, best
 from tiny import TINY
 
 DATA = ["--shots", "4", "--test", "photo=builtin:pacs-mini/photo-test", "--test", "sketch=builtin:pacs-mini/sketch"]
@@ -143,7 +144,7 @@ def test_a_killed_search_resumes_with_its_finished_candidates(tmp_path, monkeypa
 
 
 def test_grids_come_from_the_lr_option_or_search_and_auto_is_the_methods_grid():
-    from lnshift.phases import LR_GRID
+    from lnshift.training.phases import LR_GRID
 
     assert FitConfig.from_dict({"lr": "auto", "method": "full"}).optim.search == {"lr": list(LR_GRID["full"])}
     cfg = FitConfig.from_dict({"lr": "3e-2,1e-3,1e-3"})

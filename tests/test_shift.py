@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
+from lnshift.analyses.shift import layer_shift, rescale, rescale_batch
 from lnshift.errors import ConfigError
-from lnshift.shift import layer_shift, rescale, rescale_batch
 
 NORMS = ["blocks.0.norm1", "norm"]
 

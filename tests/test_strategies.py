@@ -6,10 +6,10 @@ import torch
 from lnshift.backbones import load_backbone
 from lnshift.config import FitConfig
 from lnshift.errors import ConfigError
-from lnshift.fit import build_model, plan_phases
-from lnshift.heads import build_head
-from lnshift.loop import param_groups, set_trainable
 from lnshift.strategies import STRATEGIES, StrategyOptions, get_strategy, norm_names
+from lnshift.training.fit import build_model, plan_phases
+from lnshift.training.heads import build_head
+from lnshift.training.loop import param_groups, set_trainable
 
 TINY = {"img_size": 32, "patch_size": 8}
 
@@ -78,7 +78,7 @@ def test_lora_through_peft_trains_only_adapters_and_head():
 def test_layerscale_is_opt_in():
     backbone = load_backbone("test_vit", pretrained=False, model_kwargs={**TINY, "init_values": 1e-5})
     head = build_head("linear", backbone.feature_dim, backbone.token_dim, 3)
-    from lnshift.heads import Classifier
+    from lnshift.training.heads import Classifier
 
     model = Classifier(backbone, head)
     off = norm_names(model, StrategyOptions())

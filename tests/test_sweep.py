@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from lnshift import rundir as rd
-from lnshift import sweep as sw
 from lnshift.errors import ConfigError
+from lnshift.experiments import sweep as sw
 
 TINY = {
     "model": "lnshift/test-vit",

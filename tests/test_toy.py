@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lnshift.errors import ConfigError
-from lnshift.toy import TUNED, _linear, _train, run_toy, toy_table
+from lnshift.experiments.toy import TUNED, _linear, _train, run_toy, toy_table
 
 SMALL = {
     "n_values": (8, 32, 128),

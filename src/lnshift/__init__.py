@@ -7,7 +7,7 @@
     run.rescale("auto", out="runs/ln-auto").report()  # lambda chosen on validation, report.html
 
 docs/api.md walks through it. The names are imported on first use, so `import lnshift` (and with it the
-command line) does not load torch. `lnshift.fit` is the training module behind `lnshift fit`;
+command line) does not load torch. `lnshift.training.fit` is the training module behind `lnshift fit`;
 `fit_run` is its entry point for Python.
 """
 
@@ -21,10 +21,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs; `X as X` marks a re-export
     from .api import fit_run as fit_run
     from .api import load_run as load_run
     from .config import FitConfig as FitConfig
-    from .demo import run_demo as run_demo
+    from .experiments.demo import run_demo as run_demo
+    from .experiments.sweep import load_sweep as load_sweep
+    from .experiments.sweep import run_sweep as run_sweep
     from .report import write_report as write_report
-    from .sweep import load_sweep as load_sweep
-    from .sweep import run_sweep as run_sweep
 
 __version__ = "0.1.0"
 
@@ -35,9 +35,9 @@ _EXPORTS = {
     "load_run": "api",
     "Run": "api",
     "write_report": "report",
-    "load_sweep": "sweep",
-    "run_sweep": "sweep",
-    "run_demo": "demo",
+    "load_sweep": "experiments.sweep",
+    "run_sweep": "experiments.sweep",
+    "run_demo": "experiments.demo",
 }
 __all__ = list(_EXPORTS)
 

@@ -13,13 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from . import rundir as rd
-from .config import FitConfig
-from .errors import ConfigError
-from .fsr import FSRReport
-from .heads import Classifier
-from .pipeline import fit
-from .report import write_report
-from .saved_run import (
+from .analyses.fsr import FSRReport
+from .analyses.saved_run import (
     SavedRun,
     estimate_fsr_of_run,
     evaluate_run,
@@ -28,8 +23,13 @@ from .saved_run import (
     rescale_run,
     shift_of_run,
 )
-from .saved_run import load_run as load_saved
-from .shift import ShiftReport
+from .analyses.saved_run import load_run as load_saved
+from .analyses.shift import ShiftReport
+from .config import FitConfig
+from .errors import ConfigError
+from .pipeline import fit
+from .report import write_report
+from .training.heads import Classifier
 
 
 class Run:

@@ -29,9 +29,9 @@ def _fit_options(p: argparse.ArgumentParser) -> None:
 
 @command("fit", "train a run (LayerNorm tuning or a baseline) and write its run directory", _fit_options)
 def cmd_fit(args: argparse.Namespace) -> int:
-    from . import distributed as dist
-    from .evaluate import resolve_device
     from .pipeline import fit
+    from .training import distributed as dist
+    from .training.evaluate import resolve_device
 
     cfg = config_from_args(args)
     if not dist.launched() and cfg.runtime.devices > 1:  # the same command, once per GPU, under torchrun
@@ -61,7 +61,7 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
 
 @command("eval", "re-evaluate a saved run on named test sets", _eval_options)
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .saved_run import evaluate_run
+    from .analyses.saved_run import evaluate_run
 
     results = evaluate_run(args.run, dict(args.test), device=args.device)
     for name, m in results.items():
@@ -76,7 +76,7 @@ def _merge_options(p: argparse.ArgumentParser) -> None:
 
 @command("merge", "write the tuned model as one plain safetensors state dict", _merge_options)
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .saved_run import merge_run
+    from .analyses.saved_run import merge_run
 
     print(f"wrote {merge_run(args.run, args.out)}")
     return 0
@@ -94,7 +94,7 @@ def _export_options(p: argparse.ArgumentParser) -> None:
 
 @command("export", "write the tuned LayerNorms and head as a PEFT adapter for the plain timm model", _export_options)
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_peft
+    from .analyses.export import export_peft
 
     print(f"wrote {export_peft(args.run, args.peft)}")
     return 0
@@ -155,7 +155,7 @@ def _demo_options(p: argparse.ArgumentParser) -> None:
     _demo_options,
 )
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .experiments.demo import run_demo
 
     run_demo(args.out, fast=args.fast, seed=args.seed)
     return 0
@@ -179,7 +179,7 @@ def _run_arg(p: argparse.ArgumentParser) -> None:
 
 @command("shift", "per-layer LayerNorm shift of a run (writes shift.json)", _run_arg)
 def cmd_shift(args: argparse.Namespace) -> int:
-    from .saved_run import shift_of_run
+    from .analyses.saved_run import shift_of_run
 
     print(shift_of_run(args.run).table())
     return 0
@@ -207,7 +207,7 @@ def _rescale_options(p: argparse.ArgumentParser) -> None:
 
 @command("rescale", "rescale a run's LayerNorm shift by lambda and re-evaluate it", _rescale_options)
 def cmd_rescale(args: argparse.Namespace) -> int:
-    from .saved_run import rescale_run
+    from .analyses.saved_run import rescale_run
 
     result = rescale_run(
         args.run,
@@ -251,7 +251,7 @@ def _fsr_options(p: argparse.ArgumentParser) -> None:
 
 @command("fsr", "Fine-tuning Shift Ratio of a run: oracle (--reference) or estimated (--estimate)", _fsr_options)
 def cmd_fsr(args: argparse.Namespace) -> int:
-    from .saved_run import estimate_fsr_of_run, fsr_of_run
+    from .analyses.saved_run import estimate_fsr_of_run, fsr_of_run
 
     if args.reference:
         report = fsr_of_run(args.run, args.reference)
@@ -301,14 +301,14 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
 
 @command("sweep", "run a benchmark grid, restartable, with one results table", _sweep_options)
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .workers import WorkerPool, worker_count  # no torch
+    from .experiments.workers import WorkerPool, worker_count  # no torch
 
     pool = None
     if not args.collect and worker_count(args.devices, args.per_device) > 1:
         # the workers import the sweep code (and torch) now, alongside this process
-        pool = WorkerPool(args.devices, args.per_device, preload=["lnshift.sweep"])
+        pool = WorkerPool(args.devices, args.per_device, preload=["lnshift.experiments.sweep"])
     try:
-        from .sweep import collect, load_sweep, parse_shard, run_sweep
+        from .experiments.sweep import collect, load_sweep, parse_shard, run_sweep
 
         sweep = load_sweep(args.file)
         if args.collect:
@@ -345,8 +345,8 @@ def _toy_options(p: argparse.ArgumentParser) -> None:
 
 @command("toy", "the paper's Gaussian study of shift, FSR and lambda (CPU, under a minute)", _toy_options)
 def cmd_toy(args: argparse.Namespace) -> int:
+    from .experiments.toy import run_toy, toy_table
     from .rundir import write_json
-    from .toy import run_toy, toy_table
 
     result = run_toy(seed=args.seed)
     print(toy_table(result))

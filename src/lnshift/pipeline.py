@@ -13,13 +13,13 @@ from collections.abc import Callable
 
 import torch
 
-from . import distributed as dist
 from . import rundir as rd
+from .analyses.saved_run import estimate_fsr_of_run, rescale_run
 from .config import FitConfig
-from .evaluate import resolve_device
-from .fit import close_run, summarize, train_run
-from .saved_run import estimate_fsr_of_run, rescale_run
-from .search import fit_search
+from .training import distributed as dist
+from .training.evaluate import resolve_device
+from .training.fit import close_run, summarize, train_run
+from .training.search import fit_search
 
 
 def fit(cfg: FitConfig, echo: Callable[[str], None] | None = print) -> rd.RunDir:

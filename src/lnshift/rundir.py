@@ -22,8 +22,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from .distributed import is_main
 from .errors import ConfigError, RunDirError
+from .training.distributed import is_main
 
 CONFIG = "config.yaml"
 SPLITS = "splits.json"

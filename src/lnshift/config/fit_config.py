@@ -16,7 +16,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from ..errors import ConfigError
-from ..phases import DEFAULT_LR, LR_GRID
+from ..training.phases import DEFAULT_LR, LR_GRID
 from .sections import (
     DataConfig,
     MethodConfig,

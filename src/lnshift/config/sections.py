@@ -18,7 +18,7 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from ..errors import ConfigError
-from ..phases import BUDGETS, Method
+from ..training.phases import BUDGETS, Method
 
 BUILTIN_DATA = "builtin:pacs-mini"
 BUILTIN_TRAIN = f"{BUILTIN_DATA}/photo"

@@ -31,10 +31,10 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.ops import roi_align
 
-from lnshift import distributed
 from lnshift.data.dataset import TRAIN_SCALE, ImageDataset, make_transform
-from lnshift.distributed import shard_bounds
 from lnshift.errors import ConfigError
+from lnshift.training import distributed
+from lnshift.training.distributed import shard_bounds
 
 TRAIN_SIDE_FACTOR = 2  # crops of (0.25..1) of the area then span input..2x input pixels: never upsampled
 TRAIN_RATIO = (3 / 4, 4 / 3)

@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from .. import rundir as rd
 from ..config import DataConfig, FitConfig
-from ..phases import BUDGETS, CYCLIC
+from ..training.phases import BUDGETS, CYCLIC
 from . import figures as F
 from .html import Figures, Section, key_values, note, num, pct, table, warning
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import RunDirError
-from ..phases import BUDGETS
+from ..training.phases import BUDGETS
 from . import figures as F
 from .html import Figures, Section, esc, key_values, note, num, table, warning
 from .stats import bootstrap_ci, mean_std, paired_compare

@@ -19,20 +19,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import distributed as dist
-from . import rundir as rd
-from .backbones.timm_backbone import TimmBackbone
-from .config import FitConfig
-from .data import ImageDataset, check_classes, make_transform
-from .data.device import to_device
-from .errors import ConfigError, RunDirError
-from .evaluate import evaluate, resolve_device, uses_bf16
-from .fit import Images, build_model, evaluate_all, load_configured_backbone, loader, open_spec, resolve_pipeline
+from .. import rundir as rd
+from ..backbones.timm_backbone import TimmBackbone
+from ..config import FitConfig
+from ..data import ImageDataset, check_classes, make_transform
+from ..data.device import to_device
+from ..errors import ConfigError, RunDirError
+from ..training import distributed as dist
+from ..training.evaluate import evaluate, resolve_device, uses_bf16
+from ..training.fit import (
+    Images,
+    build_model,
+    evaluate_all,
+    load_configured_backbone,
+    loader,
+    open_spec,
+    resolve_pipeline,
+)
+from ..training.heads import Classifier, LinearHead
+from ..training.loop import restore, store_frozen
 from .fsr import FSRReport, oracle_fsr
 from .fsr_runs import estimate_fsr
-from .heads import Classifier, LinearHead
 from .lambdas import lambda_record, parse_grid, select_lambda
-from .loop import restore, store_frozen
 from .shift import ShiftReport, layer_shift, rescale
 
 

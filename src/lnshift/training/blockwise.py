@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones.base import is_rms
-from .errors import ModelError
+from ..backbones.base import is_rms
+from ..errors import ModelError
 
 
 def normaliser(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

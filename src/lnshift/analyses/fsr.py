@@ -19,8 +19,8 @@ import numpy as np
 from scipy.optimize import OptimizeWarning, curve_fit
 from scipy.stats import spearmanr
 
+from lnshift.analyses.shift import ShiftReport
 from lnshift.errors import ConfigError
-from lnshift.shift import ShiftReport
 
 
 @dataclass
@@ -196,7 +196,7 @@ def extrapolate_shift(n: Sequence[int], shift: Sequence[float], n_full: int | No
     subsets are nested or i.i.d. draws from one pool, and the shift is monotone in n over and
     beyond the measured range. The extrapolation is only as good as these; check ``trend``,
     ``residual`` and ``shift_inf_std`` before trusting it. The monotone assumption can fail: in
-    the toy study (``lnshift.toy``) with Adam, the shift peaks at an intermediate n and a fit over
+    the toy study (``lnshift.experiments.toy``) with Adam, the shift peaks at an intermediate n and a fit over
     the whole range then puts FSR on the wrong side of 1; with a small budget (few steps or a low
     lr) the curve falls monotonically and the estimate lands within about 0.1 of the oracle FSR.
 

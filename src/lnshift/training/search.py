@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
+from .. import rundir as rd
+from ..config import SELECT_METRICS, FitConfig, environment
+from ..errors import LNShiftError
 from . import distributed as dist
-from . import rundir as rd
-from .config import SELECT_METRICS, FitConfig, environment
-from .errors import LNShiftError
 from .fit import build, finish, start_run, train_run
 from .loop import NonFiniteLossError, restore, seed_everything
 

@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError
 from .distributed import gather_rows, is_main
-from .errors import ConfigError
 from .metrics import classification_metrics
 
 

@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from lnshift.analyses.fsr import extrapolate_shift, lambda_from_fsr, oracle_fsr
+from lnshift.analyses.shift import layer_shift, rescale
 from lnshift.errors import ConfigError
-from lnshift.fsr import extrapolate_shift, lambda_from_fsr, oracle_fsr
-from lnshift.shift import layer_shift, rescale
 
 NORMS = ["ln1", "ln2"]
 TUNED = ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias", "head.weight", "head.bias")

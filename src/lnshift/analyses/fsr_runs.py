@@ -21,14 +21,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from . import distributed as dist
-from . import rundir as rd
-from .config import FitConfig
-from .errors import ConfigError
-from .evaluate import resolve_device
-from .fit import train_run
+from .. import rundir as rd
+from ..config import FitConfig
+from ..errors import ConfigError
+from ..training import distributed as dist
+from ..training.evaluate import resolve_device
+from ..training.fit import train_run
+from ..training.phases import budget_factor
 from .fsr import extrapolate_shift
-from .phases import budget_factor
 
 SUBDIR = "fsr-estimate"
 

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, Dataset, Sampler, Subset
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 T = TypeVar("T")
 IGNORE = -100  # nn.CrossEntropyLoss's ignore_index: the label of a placeholder sample, which adds nothing

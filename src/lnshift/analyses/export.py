@@ -20,11 +20,11 @@ from typing import Any
 import timm
 from torch import nn
 
-from . import rundir as rd
-from .backbones.timm_backbone import TimmBackbone
-from .errors import ConfigError, ModelError, RunDirError
-from .heads import LinearHead
-from .loop import restore
+from .. import rundir as rd
+from ..backbones.timm_backbone import TimmBackbone
+from ..errors import ConfigError, ModelError, RunDirError
+from ..training.heads import LinearHead
+from ..training.loop import restore
 from .saved_run import SavedRun, load_run, merged_state_dict, trained_norms
 
 PREFIX = "backbone.model."  # lnshift's names of the timm model's parameters (heads.Classifier)

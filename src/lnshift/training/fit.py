@@ -21,11 +21,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
-from . import distributed as dist
-from . import rundir as rd
-from .backbones import Backbone, load_backbone, resolve_fast_paths
-from .config import DEVICE_DATA_SHARE, DEVICE_DATA_SHARE_ENV, VAL_SIZES, FitConfig, environment
-from .data import (
+from .. import rundir as rd
+from ..analyses.lambdas import lambda_record, parse_grid, select_lambda
+from ..analyses.shift import ShiftReport, layer_shift, rescale
+from ..backbones import Backbone, load_backbone, resolve_fast_paths
+from ..config import DEVICE_DATA_SHARE, DEVICE_DATA_SHARE_ENV, VAL_SIZES, FitConfig, environment
+from ..data import (
     ImageDataset,
     ImageSource,
     Split,
@@ -39,16 +40,15 @@ from .data import (
     splits_to_dict,
     subsample,
 )
-from .data.builtin import resolve_spec
-from .data.device import DeviceBatches, DeviceImages, estimated_bytes, eval_batches, to_device
-from .errors import ConfigError, DataError, RunDirError
+from ..data.builtin import resolve_spec
+from ..data.device import DeviceBatches, DeviceImages, estimated_bytes, eval_batches, to_device
+from ..errors import ConfigError, DataError, RunDirError
+from ..strategies import get_strategy, norm_module_names
+from . import distributed as dist
 from .evaluate import evaluate, uses_bf16
 from .heads import Classifier, build_head
-from .lambdas import lambda_record, parse_grid, select_lambda
 from .loop import PhasePlan, PhaseState, restore, run_phase, seed_everything, snapshot, store_frozen
 from .phases import budget_factor, budget_rule, phase_steps, phases_for
-from .shift import ShiftReport, layer_shift, rescale
-from .strategies import get_strategy, norm_module_names
 
 Images = ImageDataset | DeviceImages  # one split in the workers or the device input pipeline
 CPU = torch.device("cpu")

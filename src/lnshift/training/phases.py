@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 # the methods; `--method` takes its choices from this type (config.MethodConfig)
 Method = Literal["lp", "ln", "full", "bitfit", "lora", "lp-ln", "cyclic", "cyclic-kx"]

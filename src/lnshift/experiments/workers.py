@@ -17,8 +17,8 @@ import queue
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from .config import DEVICE_DATA_SHARE, DEVICE_DATA_SHARE_ENV
-from .errors import ConfigError
+from ..config import DEVICE_DATA_SHARE, DEVICE_DATA_SHARE_ENV
+from ..errors import ConfigError
 
 DIED = "its worker process ended before finishing it"
 

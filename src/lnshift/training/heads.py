@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 HEADS: dict[str, Callable[..., nn.Module]] = {}
 

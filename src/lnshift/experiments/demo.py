@@ -21,14 +21,14 @@ from typing import Any
 
 import torch
 
-from . import rundir as rd
-from .config import BUILTIN_DATA, FitConfig, environment
-from .errors import ConfigError
-from .fit import changed_options
-from .multirun import fit_batched
-from .pipeline import fit
-from .saved_run import estimate_fsr_of_run, rescale_run
-from .search import pending_candidates
+from .. import rundir as rd
+from ..analyses.saved_run import estimate_fsr_of_run, rescale_run
+from ..config import BUILTIN_DATA, FitConfig, environment
+from ..errors import ConfigError
+from ..pipeline import fit
+from ..training.fit import changed_options
+from ..training.multirun import fit_batched
+from ..training.search import pending_candidates
 
 ID_TEST = "photo"
 OOD_TESTS = ("cartoon", "sketch")

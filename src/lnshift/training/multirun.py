@@ -26,11 +26,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from . import rundir as rd
+from .. import rundir as rd
+from ..config import FitConfig, environment
+from ..data.device import DeviceBatches, DeviceImages
+from ..errors import ConfigError
 from .blockwise import batched_layernorms, repeat_blocks
-from .config import FitConfig, environment
-from .data.device import DeviceBatches, DeviceImages
-from .errors import ConfigError
 from .evaluate import autocast
 from .fit import (
     Data,
@@ -385,7 +385,7 @@ def fit_batched(cfgs: Sequence[FitConfig], device: torch.device, *, score_tests:
 
 
 BATCHED_HOW = (
-    "lnshift.multirun: one forward over all runs' batches; each run gets the batches, phases and optimiser "
+    "lnshift.training.multirun: one forward over all runs' batches; each run gets the batches, phases and optimiser "
     "steps that `lnshift fit --select last` gives it (device input pipeline), up to float rounding"
 )
 BATCHED_ALLOWED = {"seed", "fraction", "shots", "lr", "out", "resume", "overwrite"}

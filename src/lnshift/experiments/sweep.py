@@ -5,7 +5,7 @@ reuses the run of its base method (`ln+auto` rescales `ln`'s run), so rescaled v
 training; a base run and its rescaled variants form one *unit*, and a unit is never split across
 shards, so concurrent shards never write the same directory. Results are rebuilt from the run
 directories alone (`collect`), so shards on different machines only need a shared OUT. Within one
-machine, worker processes (lnshift.workers: K per GPU) take whole units from a shared queue.
+machine, worker processes (lnshift.experiments.workers: K per GPU) take whole units from a shared queue.
 """
 
 from __future__ import annotations
@@ -26,15 +26,15 @@ from typing import Any
 
 import torch
 
-from . import rundir as rd
-from .config import ALIASES, SEARCHABLE, FitConfig, environment, flat_options, load_yaml, unknown_options
-from .errors import ConfigError, RunDirError
-from .evaluate import resolve_device
-from .fit import changed_options
-from .phases import METHODS
-from .pipeline import fit
-from .saved_run import estimate_fsr_of_run, fsr_of_run, rescale_run, run_budget
-from .search import SEARCH_JSON, candidates, pending_candidates
+from .. import rundir as rd
+from ..analyses.saved_run import estimate_fsr_of_run, fsr_of_run, rescale_run, run_budget
+from ..config import ALIASES, SEARCHABLE, FitConfig, environment, flat_options, load_yaml, unknown_options
+from ..errors import ConfigError, RunDirError
+from ..pipeline import fit
+from ..training.evaluate import resolve_device
+from ..training.fit import changed_options
+from ..training.phases import METHODS
+from ..training.search import SEARCH_JSON, candidates, pending_candidates
 from .workers import WorkerPool, worker_count
 
 TOP_KEYS = ("out", "base", "datasets", "methods", "regimes", "seeds")
@@ -325,7 +325,7 @@ def run_sweep(
         methods: run only these methods' cells, as `datasets` does (a rescaled variant such as
             `ln+auto` trains its base run if that is not finished).
         batched: first train the unfinished runs (or search candidates) of lp / ln / lp-ln / cyclic
-            units together, one batched pass per dataset and method (lnshift.multirun.fit_batched), in
+            units together, one batched pass per dataset and method (lnshift.training.multirun.fit_batched), in
             this process on its device; the rest (other methods, finishing searches, rescaled variants)
             then runs as usual, on the workers if there are any.
         pool: the workers, already started (the CLI starts them before it imports torch); this
@@ -404,7 +404,7 @@ def attempt(sweep: Sweep, job: Job, echo: Callable[[str], None]) -> str | None:
 
 def _train_batched(sweep: Sweep, jobs: list[Job], echo: Callable[[str], None]) -> dict[str, str]:
     """Train the unfinished runs of batchable units, one batched pass per (dataset, method); returns failures."""
-    from .multirun import BATCHED_METHODS, fit_batched
+    from ..training.multirun import BATCHED_METHODS, fit_batched
 
     groups: dict[tuple[str, str], dict[str, list[FitConfig]]] = {}
     for job in jobs:
@@ -606,7 +606,7 @@ def _is_number(value: Any) -> bool:
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean, sample std (None for one seed) and count per (dataset, method, regime); NaN, inf and None are left out."""
-    from .report.stats import mean_std  # here: the report package imports matplotlib
+    from ..report.stats import mean_std  # here: the report package imports matplotlib
 
     groups: dict[tuple, list[dict]] = {}
     for row in rows:

@@ -21,12 +21,12 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..config import FitConfig
+from ..errors import LNShiftError
+from ..rundir import EventLog
 from . import distributed as dist
-from .config import FitConfig
-from .errors import LNShiftError
 from .evaluate import autocast, batches
 from .phases import Phase
-from .rundir import EventLog
 
 
 class NonFiniteLossError(LNShiftError):

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .blockwise import batched_layernorms, repeat_blocks
-from .data.device import DeviceImages, eval_batches
-from .distributed import gather_rows
-from .errors import ConfigError
-from .evaluate import autocast, batches
-from .metrics import classification_metrics
-from .rundir import FSR_ESTIMATE, RunDir
+from ..data.device import DeviceImages, eval_batches
+from ..errors import ConfigError
+from ..rundir import FSR_ESTIMATE, RunDir
+from ..training.blockwise import batched_layernorms, repeat_blocks
+from ..training.distributed import gather_rows
+from ..training.evaluate import autocast, batches
+from ..training.metrics import classification_metrics
 from .shift import rescale_batch
 
 DEFAULT_GRID = tuple(round(0.25 * i, 2) for i in range(13))  # 0, 0.25, ..., 3
