@@ -15,7 +15,8 @@ from pathlib import Path
 
 from lnshift import rundir as rd
 from lnshift.config import environment
-from lnshift.experiments.sweep import SWEEP_COPY, cells, load_sweep, write_tables
+from lnshift.experiments.sweep_file import SWEEP_COPY, cells, load_sweep
+from lnshift.experiments.sweep_results import write_tables
 
 
 def main() -> None:

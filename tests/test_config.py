@@ -303,7 +303,7 @@ def test_a_run_written_before_sections_loads_resumes_and_reports(tmp_path, monke
     finishes the run; saved_run, the sweep's results and the report read it."""
     import lnshift.training.loop as loop
     from lnshift.analyses.saved_run import load_run
-    from lnshift.experiments.sweep import _chosen
+    from lnshift.experiments.sweep_results import _chosen
     from lnshift.report import write_report
 
     old = yaml.safe_load(BEFORE_SECTIONS)

@@ -18,6 +18,7 @@ from lnshift import rundir as rd
 from lnshift.cli import main
 from lnshift.errors import ConfigError, RunDirError
 from lnshift.experiments import sweep as sw
+from lnshift.experiments import sweep_file as sf
 from lnshift.experiments import workers
 from lnshift.training import distributed as dist
 from tiny import TINY
@@ -165,7 +166,7 @@ def test_sweep_on_two_workers_gives_the_same_table_as_one(tmp_path, capsys):
     for devices, per_device in ((1, 1), (2, 1), (1, 2)):
         path = tmp_path / f"sweep{devices}x{per_device}.yaml"
         path.write_text(yaml.safe_dump({"out": str(tmp_path / f"out{devices}x{per_device}"), **spec}))
-        sweep = sw.load_sweep(path)
+        sweep = sf.load_sweep(path)
         if per_device == 1:
             with pytest.raises(RunDirError) as failed:
                 sw.run_sweep(sweep, echo=lambda _: None, devices=devices, per_device=per_device)
@@ -212,7 +213,7 @@ def test_sweep_workers_get_one_visible_gpu_each(tmp_path, monkeypatch):
             }
         )
     )
-    sweep = sw.load_sweep(path)
+    sweep = sf.load_sweep(path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     with pytest.raises(ConfigError, match=r"base\.device"):
@@ -231,5 +232,5 @@ def test_sweep_refuses_fewer_than_one_worker(tmp_path, capsys):
     assert main(["sweep", str(path), "--devices", "0"]) == 2
     assert "--devices and --per-device must be >= 1, got 0 and 1" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="got 2 and -1"):
-        sw.run_sweep(sw.load_sweep(path), echo=lambda _: None, devices=2, per_device=-1)
+        sw.run_sweep(sf.load_sweep(path), echo=lambda _: None, devices=2, per_device=-1)
     assert not (tmp_path / "out" / "runs").exists()  # nothing trained

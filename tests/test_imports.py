@@ -93,8 +93,8 @@ def test_the_graph_sees_lazy_and_relative_imports():
     assert "lnshift.rundir" in graph["lnshift.training.fit"]  # `from . import rundir as rd`
     assert "lnshift.data" in graph["lnshift.training.fit"] and "lnshift.data.device" in graph["lnshift.training.fit"]
     assert "lnshift.experiments.sweep" in graph["lnshift.cli"]  # imported inside cmd_sweep
-    assert "lnshift.report.stats" in graph["lnshift.experiments.sweep"]  # inside summarize
-    assert "lnshift.report" in graph["lnshift.experiments.sweep"]  # the package's __init__ runs first
+    assert "lnshift.report.stats" in graph["lnshift.experiments.sweep_results"]  # inside summarize
+    assert "lnshift.report" in graph["lnshift.experiments.sweep_results"]  # the package's __init__ runs first
     run_report = graph["lnshift.report.run_report"]  # `from . import figures as F`, `from .. import rundir as rd`
     assert {"lnshift.report.figures", "lnshift.rundir"} <= run_report and not {"lnshift", "lnshift.report"} & run_report
 

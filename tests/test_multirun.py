@@ -175,7 +175,7 @@ def test_refuses_what_it_cannot_batch(backbone, change, message):
 
 
 def batched_sweep(tmp_path, methods, name="s", device="cpu"):
-    from lnshift.experiments import sweep as sw
+    from lnshift.experiments import sweep_file as sf
 
     data = {
         "out": str(tmp_path / name),
@@ -197,7 +197,7 @@ def batched_sweep(tmp_path, methods, name="s", device="cpu"):
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
-    return sw.load_sweep(path)
+    return sf.load_sweep(path)
 
 
 def test_sweep_batched_writes_every_run_directory_and_the_table(tmp_path, device):
@@ -264,12 +264,12 @@ def test_sweep_searches_learning_rates_in_the_batched_pass(tmp_path, device, mon
 
 def test_learning_rate_candidates_in_one_pass_are_the_runs_fit_makes(tmp_path, device):
     """Candidates share their data and batches; each is still the run `fit` makes at its learning rate."""
-    from lnshift.experiments import sweep as sw
+    from lnshift.experiments import sweep_file as sf
     from lnshift.pipeline import fit
     from lnshift.training.multirun import fit_batched
 
     sweep = batched_sweep(tmp_path, ["ln"], device=device)
-    cell = sw.cells(sweep)[0]
+    cell = sf.cells(sweep)[0]
     cfgs = [sweep.fit_config(cell).replace(lr=lr, out=str(tmp_path / f"lr{lr}")) for lr in (0.01, 0.1)]
     together = fit_batched(cfgs, torch.device(device))
     for cfg, run in zip(cfgs, together, strict=True):
@@ -282,7 +282,7 @@ def test_learning_rate_candidates_in_one_pass_are_the_runs_fit_makes(tmp_path, d
 
 def test_a_candidate_that_diverges_in_the_batched_pass_is_a_failed_candidate(tmp_path, monkeypatch):
     from lnshift import rundir as rd
-    from lnshift.experiments import sweep as sw
+    from lnshift.experiments import sweep_file as sf
     from lnshift.pipeline import fit
     from lnshift.training import multirun
     from lnshift.training.search import SEARCH_JSON, candidate_config, candidates
@@ -298,7 +298,7 @@ def test_a_candidate_that_diverges_in_the_batched_pass_is_a_failed_candidate(tmp
 
     monkeypatch.setattr(multirun, "train_runs", nan_for_the_largest)
     sweep = batched_sweep(tmp_path, ["ln"])
-    cfg = sweep.fit_config(sw.cells(sweep)[0]).replace(search={"lr": [0.01, 0.1]})
+    cfg = sweep.fit_config(sf.cells(sweep)[0]).replace(search={"lr": [0.01, 0.1]})
     runs = multirun.fit_batched(
         [candidate_config(cfg, v) for v in candidates(cfg.optim.search)], CPU, score_tests=False
     )
@@ -308,16 +308,16 @@ def test_a_candidate_that_diverges_in_the_batched_pass_is_a_failed_candidate(tmp
         lambda *a, **k: pytest.fail("a candidate was trained again"),
     )
     fit(cfg.replace(resume=True), echo=None)  # as the sweep finishes a cell whose candidates are trained
-    result = json.loads((tmp_path / "s" / "runs" / sw.cells(sweep)[0].unit / SEARCH_JSON).read_text())
+    result = json.loads((tmp_path / "s" / "runs" / sf.cells(sweep)[0].unit / SEARCH_JSON).read_text())
     assert [c["status"] for c in result["candidates"]] == ["done", "failed"] and result["chosen"] == {"lr": 0.01}
 
 
 def test_a_run_trained_with_others_equals_it_trained_alone(tmp_path, device):
-    from lnshift.experiments import sweep as sw
+    from lnshift.experiments import sweep_file as sf
     from lnshift.training.multirun import fit_batched
 
     sweep = batched_sweep(tmp_path, ["ln"], device=device)
-    cfgs = [sweep.fit_config(c) for c in sw.cells(sweep)]
+    cfgs = [sweep.fit_config(c) for c in sf.cells(sweep)]
     together = fit_batched(cfgs, torch.device(device))
     alone = fit_batched([cfgs[2].replace(out=str(tmp_path / "alone"))], torch.device(device))[0]
     a, b = (load_file(r.path / "adapter.safetensors") for r in (together[2], alone))
@@ -330,11 +330,11 @@ def test_a_run_trained_with_others_equals_it_trained_alone(tmp_path, device):
     [({"select": "best"}, "select: last"), ({"input_pipeline": "workers"}, "device input pipeline")],
 )
 def test_batched_runs_refuse_what_fit_would_do_otherwise(tmp_path, change, message):
-    from lnshift.experiments import sweep as sw
+    from lnshift.experiments import sweep_file as sf
     from lnshift.training.multirun import fit_batched
 
     sweep = batched_sweep(tmp_path, ["ln"])
-    cfgs = [sweep.fit_config(c).replace(**change) for c in sw.cells(sweep)]
+    cfgs = [sweep.fit_config(c).replace(**change) for c in sf.cells(sweep)]
     with pytest.raises(ConfigError, match=message):
         fit_batched(cfgs, CPU)
 
@@ -345,12 +345,12 @@ def test_batched_runs_refuse_what_fit_would_do_otherwise(tmp_path, change, messa
 def test_a_batched_run_is_the_run_fit_makes(tmp_path, method, options, device):
     """Same splits, batches, phases and optimiser steps as `lnshift fit --select last`: the same tensors and metrics."""
     from lnshift import rundir as rd
-    from lnshift.experiments import sweep as sw
+    from lnshift.experiments import sweep_file as sf
     from lnshift.pipeline import fit
     from lnshift.training.multirun import fit_batched
 
     sweep = batched_sweep(tmp_path, [method], device=device)
-    cfgs = [sweep.fit_config(c).replace(**options) for c in sw.cells(sweep) if c.seed == 0]  # both regimes
+    cfgs = [sweep.fit_config(c).replace(**options) for c in sf.cells(sweep) if c.seed == 0]  # both regimes
     together = fit_batched(cfgs, torch.device(device))
     batched, alone = together[0], fit(cfgs[0].replace(out=str(tmp_path / "fit")), echo=None)
     a, b = (load_file(r.path / "adapter.safetensors") for r in (batched, alone))
@@ -373,13 +373,13 @@ def test_a_batched_run_is_the_run_fit_makes(tmp_path, method, options, device):
 def test_runs_with_an_epoch_budget_are_batched_by_length_and_equal_fit(tmp_path, device):
     """With `epochs`, 2 shots and the full split make runs of different lengths: each is still fit's run."""
     from lnshift import rundir as rd
-    from lnshift.experiments import sweep as sw
+    from lnshift.experiments import sweep_file as sf
     from lnshift.pipeline import fit
     from lnshift.training.multirun import fit_batched
 
     sweep = batched_sweep(tmp_path, ["cyclic"], device=device)
     cfgs = [
-        sweep.fit_config(c).replace(steps=None, epochs=2, min_epoch_steps=1) for c in sw.cells(sweep) if c.seed == 0
+        sweep.fit_config(c).replace(steps=None, epochs=2, min_epoch_steps=1) for c in sf.cells(sweep) if c.seed == 0
     ]
     batched = fit_batched(cfgs, torch.device(device))
     steps = []

@@ -10,6 +10,8 @@ import yaml
 from lnshift import rundir as rd
 from lnshift.errors import ConfigError
 from lnshift.experiments import sweep as sw
+from lnshift.experiments import sweep_file as sf
+from lnshift.experiments import sweep_results as sr
 
 TINY = {
     "model": "lnshift/test-vit",
@@ -45,7 +47,7 @@ def quiet(_message):
 @pytest.fixture(scope="module")
 def done(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
-    sweep = sw.load_sweep(write(root / "sweep.yaml", spec(root / "out")))
+    sweep = sf.load_sweep(write(root / "sweep.yaml", spec(root / "out")))
     assert sw.run_sweep(sweep, echo=quiet) == sweep.out
     return sweep
 
@@ -55,8 +57,8 @@ def rows(sweep):
 
 
 def test_cells_have_stable_ids(tmp_path):
-    sweep = sw.load_sweep(write(tmp_path / "s.yaml", spec(tmp_path / "out")))
-    cells = sw.cells(sweep)
+    sweep = sf.load_sweep(write(tmp_path / "s.yaml", spec(tmp_path / "out")))
+    cells = sf.cells(sweep)
     assert len(cells) == 1 * 3 * 2 * 2
     assert cells[0].id == "mini/lp/shots2/s0"
     auto = next(c for c in cells if c.method == "ln+auto" and c.regime.fraction == 1.0 and c.seed == 1)
@@ -114,7 +116,7 @@ def test_summary_is_mean_and_std_over_seeds(done):
 def test_summary_leaves_out_non_finite_values_and_has_no_std_for_one():
     cell = {"dataset": "d", "method": "ln", "regime": "f1"}
     rows = [{**cell, "seed": s, "acc": v, "loss": w} for s, v, w in [(0, 0.5, 1.0), (1, float("nan"), float("inf"))]]
-    stats = sw.summarize(rows)[0]["metrics"]
+    stats = sr.summarize(rows)[0]["metrics"]
     assert stats["acc"] == {"mean": 0.5, "std": None, "n": 1} and stats["loss"] == {"mean": 1.0, "std": None, "n": 1}
 
 
@@ -149,22 +151,22 @@ def test_collect_rebuilds_the_same_table(done):
     before = json.dumps(rows(done))
     for name in ("results.json", "results.csv", "summary.json", "summary.csv"):
         (done.out / name).unlink()
-    collected = sw.collect(done, echo=None)
+    collected = sr.collect(done, echo=None)
     assert json.dumps(collected["rows"]) == before == json.dumps(rows(done))
     assert (done.out / "summary.csv").is_file()
 
 
 def test_shards_are_disjoint_cover_all_cells_and_keep_units_whole(tmp_path, monkeypatch):
-    sweep = sw.load_sweep(write(tmp_path / "s.yaml", spec(tmp_path / "out")))
-    cells = sw.cells(sweep)
-    one, two = sw.shard_cells(cells, (1, 2)), sw.shard_cells(cells, (2, 2))
+    sweep = sf.load_sweep(write(tmp_path / "s.yaml", spec(tmp_path / "out")))
+    cells = sf.cells(sweep)
+    one, two = sf.shard_cells(cells, (1, 2)), sf.shard_cells(cells, (2, 2))
     assert one and two and not set(one) & set(two) and set(one) | set(two) == set(cells)
     assert not {c.unit for c in one} & {c.unit for c in two}  # ln and ln+auto of a run stay together
-    assert sw.shard_cells(cells, (1, 2)) == one  # deterministic
-    assert sw.parse_shard("2/8") == (2, 8)
+    assert sf.shard_cells(cells, (1, 2)) == one  # deterministic
+    assert sf.parse_shard("2/8") == (2, 8)
     for bad in ("0/2", "3/2", "1", "a/b"):
         with pytest.raises(ConfigError, match="--shard"):
-            sw.parse_shard(bad)
+            sf.parse_shard(bad)
 
     trained, rescaled = [], []
 
@@ -189,8 +191,8 @@ def test_shards_are_disjoint_cover_all_cells_and_keep_units_whole(tmp_path, monk
 def test_cyclic_kx_and_its_rescaled_variant_are_sweep_methods(tmp_path):
     data = spec(tmp_path / "out")
     data["methods"] = ["cyclic", "cyclic-kx", "cyclic-kx+auto"]
-    sweep = sw.load_sweep(write(tmp_path / "s.yaml", data))
-    cell = next(c for c in sw.cells(sweep) if c.method == "cyclic-kx+auto")
+    sweep = sf.load_sweep(write(tmp_path / "s.yaml", data))
+    cell = next(c for c in sf.cells(sweep) if c.method == "cyclic-kx+auto")
     assert (cell.unit, sweep.fit_config(cell).method.name) == ("mini/cyclic-kx/shots2/s0", "cyclic-kx")
 
 
@@ -223,7 +225,7 @@ def test_bad_sweep_files_name_the_key_and_file(tmp_path, change, key):
     change(data)
     path = write(tmp_path / "bad.yaml", data)
     with pytest.raises(ConfigError) as err:
-        sw.load_sweep(path)
+        sf.load_sweep(path)
     assert f"{path}: {key}" in str(err.value)
 
 
@@ -231,7 +233,7 @@ def test_datasets_option_runs_only_those_cells(tmp_path, monkeypatch):
     data = spec(tmp_path / "out")
     data["datasets"]["other"] = {"train": "builtin:pacs-mini/cartoon"}
     data["methods"], data["regimes"], data["seeds"] = ["lp"], [{"shots": 2}], [0]
-    sweep = sw.load_sweep(write(tmp_path / "s.yaml", data))
+    sweep = sf.load_sweep(write(tmp_path / "s.yaml", data))
     trained = []
     monkeypatch.setattr(sw, "_run_unit", lambda sweep, unit, *a: trained.append(unit))
     sw.run_sweep(sweep, echo=quiet, datasets=["other"])
@@ -243,7 +245,7 @@ def test_datasets_option_runs_only_those_cells(tmp_path, monkeypatch):
 def test_methods_option_runs_only_those_cells(tmp_path, monkeypatch):
     data = spec(tmp_path / "out")
     data["methods"], data["regimes"], data["seeds"] = ["lp", "ln", "ln+auto"], [{"shots": 2}], [0]
-    sweep = sw.load_sweep(write(tmp_path / "s.yaml", data))
+    sweep = sf.load_sweep(write(tmp_path / "s.yaml", data))
     trained = []
     monkeypatch.setattr(sw, "_run_unit", lambda sweep, unit, *a: trained.append(unit))
     sw.run_sweep(sweep, echo=quiet, methods=["ln+auto"])
@@ -255,9 +257,9 @@ def test_methods_option_runs_only_those_cells(tmp_path, monkeypatch):
 def test_the_worker_queue_starts_with_the_units_that_estimate_fsr(tmp_path):
     data = spec(tmp_path / "out")
     data["methods"] = ["lp", "ln", "ln+fsr"]
-    sweep = sw.load_sweep(write(tmp_path / "s.yaml", data))
+    sweep = sf.load_sweep(write(tmp_path / "s.yaml", data))
     units: dict[str, list] = {}
-    for cell in sw.cells(sweep):
+    for cell in sf.cells(sweep):
         units.setdefault(cell.unit, []).append(cell)
     jobs = [sw.Job(str(k), unit, members) for k, (unit, members) in enumerate(units.items())]
     order = [job.unit for job in sw.heaviest_first(jobs)]

@@ -22,8 +22,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; `X as X` marks a re-export
     from .api import load_run as load_run
     from .config import FitConfig as FitConfig
     from .experiments.demo import run_demo as run_demo
-    from .experiments.sweep import load_sweep as load_sweep
     from .experiments.sweep import run_sweep as run_sweep
+    from .experiments.sweep_file import load_sweep as load_sweep
     from .report import write_report as write_report
 
 __version__ = "0.1.0"
@@ -35,7 +35,7 @@ _EXPORTS = {
     "load_run": "api",
     "Run": "api",
     "write_report": "report",
-    "load_sweep": "experiments.sweep",
+    "load_sweep": "experiments.sweep_file",
     "run_sweep": "experiments.sweep",
     "run_demo": "experiments.demo",
 }

@@ -308,7 +308,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         # the workers import the sweep code (and torch) now, alongside this process
         pool = WorkerPool(args.devices, args.per_device, preload=["lnshift.experiments.sweep"])
     try:
-        from .experiments.sweep import collect, load_sweep, parse_shard, run_sweep
+        from .experiments.sweep import run_sweep
+        from .experiments.sweep_file import load_sweep, parse_shard
+        from .experiments.sweep_results import collect
 
         sweep = load_sweep(args.file)
         if args.collect:
