@@ -49,7 +49,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lnshift.analyses.lambdas import DEFAULT_GRID, choose
 from lnshift.analyses.shift import rescale
 from lnshift.backbones import load_backbone, resolve_fast_paths
 from lnshift.config import FitConfig, environment
@@ -57,6 +56,7 @@ from lnshift.data import open_source
 from lnshift.rundir import write_json
 from lnshift.training.evaluate import autocast, resolve_device
 from lnshift.training.fit import build_model
+from lnshift.training.lambdas import DEFAULT_GRID, choose
 from lnshift.training.loop import restore, set_trainable
 from lnshift.training.multirun import initial_states, norms_of, run_logits, runs_by_length, train_alone, train_runs
 from lnshift.training.phases import phases_for

@@ -4,13 +4,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lnshift.analyses.lambdas import choose, grid_logits, select_lambda
 from lnshift.analyses.shift import rescale
 from lnshift.backbones import load_backbone
 from lnshift.config import FitConfig
 from lnshift.errors import ConfigError
 from lnshift.strategies import StrategyOptions, get_strategy, norm_module_names
 from lnshift.training.fit import build_model
+from lnshift.training.lambdas import choose, grid_logits, select_lambda
 from lnshift.training.loop import restore, snapshot
 
 TINY = {"img_size": 32, "patch_size": 8}

@@ -37,10 +37,10 @@ from ..training.fit import (
     resolve_pipeline,
 )
 from ..training.heads import Classifier, LinearHead
+from ..training.lambdas import lambda_record, parse_grid, select_lambda
 from ..training.loop import restore, store_frozen
 from .fsr import FSRReport, oracle_fsr
 from .fsr_runs import estimate_fsr
-from .lambdas import lambda_record, parse_grid, select_lambda
 from .shift import ShiftReport, layer_shift, rescale
 
 

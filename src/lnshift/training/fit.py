@@ -22,7 +22,6 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
 from .. import rundir as rd
-from ..analyses.lambdas import lambda_record, parse_grid, select_lambda
 from ..analyses.shift import ShiftReport, layer_shift, rescale
 from ..backbones import Backbone, load_backbone, resolve_fast_paths
 from ..config import DEVICE_DATA_SHARE, DEVICE_DATA_SHARE_ENV, VAL_SIZES, FitConfig, environment
@@ -47,6 +46,7 @@ from ..strategies import get_strategy, norm_module_names
 from . import distributed as dist
 from .evaluate import evaluate, uses_bf16
 from .heads import Classifier, build_head
+from .lambdas import lambda_record, parse_grid, select_lambda
 from .loop import PhasePlan, PhaseState, restore, run_phase, seed_everything, snapshot, store_frozen
 from .phases import budget_factor, budget_rule, phase_steps, phases_for
 

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..analyses.shift import rescale_batch
 from ..data.device import DeviceImages, eval_batches
 from ..errors import ConfigError
 from ..rundir import FSR_ESTIMATE, RunDir
-from ..training.blockwise import batched_layernorms, repeat_blocks
-from ..training.distributed import gather_rows
-from ..training.evaluate import autocast, batches
-from ..training.metrics import classification_metrics
-from .shift import rescale_batch
+from .blockwise import batched_layernorms, repeat_blocks
+from .distributed import gather_rows
+from .evaluate import autocast, batches
+from .metrics import classification_metrics
 
 DEFAULT_GRID = tuple(round(0.25 * i, 2) for i in range(13))  # 0, 0.25, ..., 3
 VALIDATION = "val"
