@@ -21,7 +21,7 @@ from pathlib import Path
 from lnshift import rundir as rd
 from lnshift.analyses.saved_run import estimate_fsr_of_run, fsr_of_run, rescale_run
 from lnshift.config import FitConfig, environment
-from lnshift.training.fit import fit
+from lnshift.pipeline import fit
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pacs.zip"
 

@@ -3,8 +3,8 @@ and (`--study lr-grid`, issue 21) a learning-rate grid x 3 seeds of `ln` in one 
 
 (a) one by one: each run trained alone (loop.run_phase per phase), then its lambda grid scored one
     lambda at a time;
-(b) batched: the runs of equal length in one multirun.train_runs call each (all 12 at once when every
-    run has the same steps), then the 12 x 13 rescaled models scored together (multirun.run_logits,
+(b) batched: the runs of equal length in one batched.train_runs call each (all 12 at once when every
+    run has the same steps), then the 12 x 13 rescaled models scored together (batched.run_logits,
     one pass per validation chunk);
 (c) reference: one `ln` run on 100 % of the data, of the same length and batch size, with its 13
     rescaled models scored the same batched way.
@@ -20,8 +20,8 @@ Every run has the same per-run batch (--batch-size); --fractions gives the 4 dat
     python benchmarks/sweep_cost.py --smoke    # tiny model on the CPU, seconds (CI)
 
 `--study lr-grid`: `ln` at each of --lrs (5 values) x 3 seeds, every run on all training images for
---steps steps, trained in one multirun.train_runs call (a learning rate per run), against one such run
-alone (multirun.train_alone, loop.run_phase) in the same process. Prints both times, their ratio
+--steps steps, trained in one batched.train_runs call (a learning rate per run), against one such run
+alone (batched.train_alone, loop.run_phase) in the same process. Prints both times, their ratio
 (target for the bundled model: <= 2), images/s and TFLOP/s of both (torch's FLOP counter on one
 training step of the whole model, per image) and their share of --peak-tflops (target on ViT-B/16
 for the batched grid: >= 45 %).
@@ -54,11 +54,12 @@ from lnshift.backbones import load_backbone, resolve_fast_paths
 from lnshift.config import FitConfig, environment
 from lnshift.data import open_source
 from lnshift.rundir import write_json
+from lnshift.training.batched import initial_states, norms_of, run_logits, train_alone, train_runs
 from lnshift.training.evaluate import autocast, resolve_device
-from lnshift.training.fit import build_model
+from lnshift.training.ingredients import build_model
 from lnshift.training.lambdas import DEFAULT_GRID, choose
 from lnshift.training.loop import restore, set_trainable
-from lnshift.training.multirun import initial_states, norms_of, run_logits, runs_by_length, train_alone, train_runs
+from lnshift.training.multirun import runs_by_length
 from lnshift.training.phases import phases_for
 
 FRACTIONS = "0.25,0.5,0.75,1"

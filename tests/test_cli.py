@@ -19,7 +19,7 @@ from lnshift.data import ImageDataset, make_transform, open_source
 from lnshift.data.builtin import resolve_spec
 from lnshift.data.device import to_device
 from lnshift.training.evaluate import predict, resolve_device
-from lnshift.training.fit import loader
+from lnshift.training.ingredients import loader
 from lnshift.training.phases import BUDGETS
 from tiny import TINY
 

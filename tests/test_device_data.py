@@ -223,7 +223,7 @@ def test_frozen_weights_in_bf16_train_and_reload(tmp_path, device):
     """--frozen-dtype bf16: frozen weights stored in bf16, trained tensors float32, the saved run reloads as trained."""
     from lnshift.analyses.saved_run import load_run
     from lnshift.training.evaluate import evaluate
-    from lnshift.training.fit import loader, prepare_data
+    from lnshift.training.ingredients import loader, prepare_data
 
     args = ["--device", device, "--precision", "bf16", "--frozen-dtype", "bf16", "--input-pipeline", "device"]
     out = _fit(tmp_path / "bf16", *args)
@@ -266,7 +266,7 @@ def test_auto_pipeline_uses_the_device_when_the_images_fit_its_share_of_free_mem
     from types import SimpleNamespace
 
     from lnshift.config import FitConfig
-    from lnshift.training.fit import DEVICE_DATA_SHARE_ENV, input_pipeline
+    from lnshift.training.ingredients import DEVICE_DATA_SHARE_ENV, input_pipeline
 
     data = SimpleNamespace(named=lambda: {"train": [0] * 10})  # 10 x 3 x 64 x 64 = 122,880 bytes to hold
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (200_000, 10**9))
@@ -279,10 +279,10 @@ def test_auto_pipeline_uses_the_device_when_the_images_fit_its_share_of_free_mem
 
 def test_a_global_batch_smaller_than_the_process_count_is_refused(monkeypatch):
     from lnshift.config import FitConfig
-    from lnshift.training.fit import loader
+    from lnshift.training.ingredients import loader
 
     images = dd.DeviceImages(torch.zeros(8, 3, 64, 64, dtype=torch.uint8), torch.arange(8), CONFIG, crops=True)
-    monkeypatch.setattr("lnshift.training.fit.dist.world", lambda: 4)
+    monkeypatch.setattr("lnshift.training.ingredients.dist.world", lambda: 4)
     with pytest.raises(ConfigError, match="--batch-size 2 is smaller than the 4 data-parallel processes"):
         loader(images, FitConfig.from_dict({"batch_size": 2}), train=True)
     cfg = FitConfig.from_dict({"batch_size": 4, "min_epoch_steps": 1})  # 8 images: an epoch of 2 batches of 4

@@ -11,7 +11,7 @@ from lnshift.backbones.gelu_table import TableGELU
 from lnshift.backbones.patch_matmul import PatchConv2d
 from lnshift.config import FAST_PATHS, FitConfig
 from lnshift.errors import ConfigError
-from lnshift.training.fit import load_configured_backbone
+from lnshift.training.ingredients import load_configured_backbone
 
 TINY = {"img_size": 32, "patch_size": 8}
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")

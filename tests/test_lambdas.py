@@ -9,7 +9,7 @@ from lnshift.backbones import load_backbone
 from lnshift.config import FitConfig
 from lnshift.errors import ConfigError
 from lnshift.strategies import StrategyOptions, get_strategy, norm_module_names
-from lnshift.training.fit import build_model
+from lnshift.training.ingredients import build_model
 from lnshift.training.lambdas import choose, grid_logits, select_lambda
 from lnshift.training.loop import restore, snapshot
 

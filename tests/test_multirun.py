@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from lnshift.backbones import load_backbone
 from lnshift.config import FitConfig
 from lnshift.errors import ConfigError, ModelError
+from lnshift.training.batched import diverged, initial_states, run_logits, train_alone, train_runs
 from lnshift.training.blockwise import batched_layernorms
-from lnshift.training.fit import build_model
-from lnshift.training.multirun import diverged, initial_states, run_logits, train_alone, train_runs
+from lnshift.training.ingredients import build_model
 from tiny import max_diff
 
 TINY = {"img_size": 32, "patch_size": 8}
@@ -205,7 +205,7 @@ def test_sweep_batched_writes_every_run_directory_and_the_table(tmp_path, device
     from lnshift.analyses.saved_run import load_run
     from lnshift.experiments import sweep as sw
     from lnshift.training.evaluate import evaluate
-    from lnshift.training.fit import loader, prepare_data
+    from lnshift.training.ingredients import loader, prepare_data
 
     sweep = batched_sweep(tmp_path, ["lp", "ln", "ln+auto", "cyclic"], device=device)
     sw.run_sweep(sweep, echo=lambda _: None, batched=True)

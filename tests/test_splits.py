@@ -25,7 +25,7 @@ from lnshift.data import (
     subsample,
 )
 from lnshift.errors import ConfigError, DataError
-from lnshift.training.fit import Data, prepare_data
+from lnshift.training.ingredients import Data, prepare_data
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -7,8 +7,8 @@ from lnshift.backbones import load_backbone
 from lnshift.config import FitConfig
 from lnshift.errors import ConfigError
 from lnshift.strategies import STRATEGIES, StrategyOptions, get_strategy, norm_names
-from lnshift.training.fit import build_model, plan_phases
 from lnshift.training.heads import build_head
+from lnshift.training.ingredients import build_model, plan_phases
 from lnshift.training.loop import param_groups, set_trainable
 
 TINY = {"img_size": 32, "patch_size": 8}

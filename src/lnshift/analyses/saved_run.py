@@ -27,16 +27,16 @@ from ..data.device import to_device
 from ..errors import ConfigError, RunDirError
 from ..training import distributed as dist
 from ..training.evaluate import evaluate, resolve_device, uses_bf16
-from ..training.fit import (
+from ..training.fit import evaluate_all
+from ..training.heads import Classifier, LinearHead
+from ..training.ingredients import (
     Images,
     build_model,
-    evaluate_all,
     load_configured_backbone,
     loader,
     open_spec,
     resolve_pipeline,
 )
-from ..training.heads import Classifier, LinearHead
 from ..training.lambdas import lambda_record, parse_grid, select_lambda
 from ..training.loop import restore, store_frozen
 from .fsr import FSRReport, oracle_fsr

@@ -3,7 +3,7 @@
 A batch of n x B inputs is read as n blocks of B. Every patched norm normalises the whole batch
 without its affine parameters, then scales and shifts block k with row k of an (n, C) stack. The
 frozen backbone weights are read once for all variants. The lambda grid (lambdas.py) uses it to
-score rescaled models, and batched training (multirun.py) to train R runs at once: the stacks may
+score rescaled models, and batched training (batched.py) to train R runs at once: the stacks may
 be trainable Parameters, and the patch is differentiable and works under bf16 autocast.
 """
 

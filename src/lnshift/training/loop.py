@@ -136,7 +136,7 @@ def param_groups(
     """Weight decay on matrices only unless `decay_1d`: LayerNorm gains and biases are not pulled to 0.
 
     `model` may be a mapping of named parameters; `run_axis`: their first dimension stacks independent
-    runs (multirun.py) and does not make a gain a matrix.
+    runs (batched.py) and does not make a gain a matrix.
     """
     params = model if isinstance(model, Mapping) else dict(model.named_parameters())
     is_decayed = {n: decay_1d or params[n].ndim - run_axis > 1 for n in names}
