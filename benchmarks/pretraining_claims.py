@@ -22,7 +22,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-from protocol_claims import FULL_DATA, ID_TEST, finite
+from protocol_claims import FULL_DATA, ID_TEST, finite, reference_lrs
+
+from lnshift.report.sweep_report import Sweep, read_cell
 
 # dataset -> side, by construction: what each model was pretrained on (pretrain/README.md)
 SIDES = {
@@ -56,20 +58,14 @@ def mean(values: list[float], scale: float = 1.0, fmt: str = ".2f") -> str:
 
 def paired(rows: list[dict], method: str, against: str, regime: str | None = None) -> list[float]:
     """ID test differences of `method` minus `against` over the (dataset, regime, seed) cells both have."""
-    key = f"test.{ID_TEST}.accuracy"
-    base = {(r["dataset"], r["regime"], r["seed"]): r.get(key) for r in rows if r["method"] == against}
-    return [
-        r[key] - base[k]
-        for r in rows
-        if r["method"] == method and (regime in (None, r["regime"]))
-        for k in [(r["dataset"], r["regime"], r["seed"])]
-        if r.get(key) is not None and base.get(k) is not None
-    ]
+    sweep = Sweep([read_cell(r) for r in rows])
+    a, b = sweep.pairs(method, against, "ID", lambda key: regime in (None, key[1]))
+    return [x - y for x, y in zip(a, b, strict=True)]
 
 
 def fsr(rows: list[dict], same_lr: bool = False) -> list[float]:
     """LN's oracle FSR below 100 % data; with same_lr only runs that chose their reference's learning rate."""
-    ref = {(r["dataset"], r["seed"]): r["lr"] for r in rows if r["method"] == "ln" and r["regime"] == FULL_DATA}
+    ref = reference_lrs(rows)
     return [
         r["fsr_oracle"]
         for r in rows

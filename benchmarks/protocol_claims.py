@@ -164,9 +164,14 @@ def selection_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def reference_lrs(rows: list[dict]) -> dict[tuple, float]:
+    """(dataset, seed) -> the learning rate LN chose at 100 % data: the oracle FSR's reference run."""
+    return {(r["dataset"], r["seed"]): r["lr"] for r in rows if r["method"] == "ln" and r["regime"] == FULL_DATA}
+
+
 def fsr_by_lr(rows: list[dict]) -> str:
     """LN's oracle FSR below 100 % data, split by whether the run chose its 100 % reference's lr."""
-    reference = {(r["dataset"], r["seed"]): r["lr"] for r in rows if r["method"] == "ln" and r["regime"] == FULL_DATA}
+    reference = reference_lrs(rows)
     groups: dict[str, list[float]] = {"same lr as its reference": [], "smaller lr": [], "larger lr": []}
     pairs = []
     for r in rows:
